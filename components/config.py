@@ -1,0 +1,160 @@
+"""Typed schema for params.yaml, the single surface of knobs.
+
+Every section is a strict pydantic model: an unknown key, a wrong type or an
+out-of-range value is reported as one line naming the key path
+(``params.yaml: services.s3.port: expected ...``) via :class:`ParamsError`.
+Paths in the file are relative to the directory holding params.yaml.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from components.errors import ParamsError
+
+_COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+Port = Field(ge=1024, le=65535)
+
+
+class S3Service(_Strict):
+    embedded: bool = True
+    port: int = Port
+    # With embedded: false, the endpoint of an existing S3/MinIO service
+    # (None = AWS itself). Credentials always come from the environment.
+    endpoint_url: str | None = None
+    region: str = "us-east-1"
+    bucket: str = Field("aligndiff", pattern=r"^[a-z0-9][a-z0-9.-]{2,62}$")
+    dvc_bucket: str = Field("aligndiff-dvc", pattern=r"^[a-z0-9][a-z0-9.-]{2,62}$")
+    dvc_prefix: str = "store"
+
+
+class PrefectService(_Strict):
+    embedded: bool = True
+    port: int = Port
+    api_url: str | None = None  # with embedded: false, e.g. https://prefect.example.org/api
+
+
+class LabelStudioService(_Strict):
+    embedded: bool = True
+    port: int = Port
+    url: str | None = None  # with embedded: false
+    # Label Studio pins packages that break Prefect, so it lives in its own venv.
+    venv: str = ".aligndiff/venvs/label-studio"
+
+
+class Services(_Strict):
+    host: Literal["127.0.0.1", "localhost"] = "127.0.0.1"
+    state_dir: str = ".aligndiff"
+    startup_timeout_s: float = Field(300, gt=0, le=3600)
+    s3: S3Service = S3Service(port=9100)
+    prefect: PrefectService = PrefectService(port=4200)
+    label_studio: LabelStudioService = LabelStudioService(port=8090)
+
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> Services:
+        ports = {"s3": self.s3.port, "prefect": self.prefect.port, "label_studio": self.label_studio.port}
+        if len(set(ports.values())) != len(ports):
+            raise ValueError(f"service ports must differ, got {ports}")
+        for name, svc, url in (
+            ("s3", self.s3, "endpoint_url"),
+            ("prefect", self.prefect, "api_url"),
+            ("label_studio", self.label_studio, "url"),
+        ):
+            if not svc.embedded and name != "s3" and not getattr(svc, url):
+                raise ValueError(f"{name}.{url} is required when {name}.embedded is false")
+        return self
+
+
+class ModelSource(_Strict):
+    """Where real weights come from: a local diffusers directory or a pinned hub revision."""
+
+    path: str | None = None
+    repo_id: str | None = None
+    revision: str | None = None
+
+    @model_validator(mode="after")
+    def _pinned(self) -> ModelSource:
+        if self.revision is not None and not _COMMIT_RE.match(self.revision):
+            raise ValueError(f"revision must be a 40-character commit hash, got {self.revision!r}")
+        return self
+
+    def resolvable(self) -> bool:
+        return bool(self.path) or bool(self.repo_id and self.revision)
+
+
+class Models(_Strict):
+    sd15: ModelSource = ModelSource(repo_id="stable-diffusion-v1-5/stable-diffusion-v1-5")
+    sdxl: ModelSource = ModelSource(repo_id="stabilityai/stable-diffusion-xl-base-1.0")
+
+
+class Params(_Strict):
+    profile: Literal["world", "sd15", "sdxl"] = "world"
+    seed: int = Field(0, ge=0)
+    services: Services = Services()
+    models: Models = Models()
+
+    @model_validator(mode="after")
+    def _profile_has_weights(self) -> Params:
+        if self.profile != "world":
+            source: ModelSource = getattr(self.models, self.profile)
+            if not source.resolvable():
+                raise ValueError(
+                    f"profile {self.profile} needs models.{self.profile}.path (a local diffusers "
+                    f"directory) or models.{self.profile}.repo_id with a pinned 40-hex revision"
+                )
+        return self
+
+
+def _describe(err: dict[str, Any]) -> str:
+    loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return f"{loc}: unknown key"
+    if kind == "value_error":
+        msg = str(err["ctx"]["error"]) if "ctx" in err else err["msg"]
+        return f"{loc}: {msg}" if err["loc"] else msg
+    msg = err["msg"]
+    if msg.startswith("Input should be"):
+        msg = "expected" + msg[len("Input should be") :]
+    return f"{loc}: {msg}, got {err.get('input')!r}"
+
+
+def parse_params(data: Any, source: str = "params.yaml") -> Params:
+    """Validate a parsed params mapping; raise ParamsError with one line per problem."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ParamsError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return Params.model_validate(data)
+    except ValidationError as exc:
+        raise ParamsError("\n".join(f"{source}: {_describe(e)}" for e in exc.errors())) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: not found (run aligndiff from the project root)") from None
+    except UnicodeDecodeError as exc:
+        raise ParamsError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ParamsError(f"{path}{where}: invalid YAML: {problem}") from None
+    return parse_params(data, source=str(path))

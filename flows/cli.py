@@ -1,0 +1,143 @@
+"""`aligndiff` command line.
+
+The CLI is wiring: it dispatches to components (stage logic), infra (the embedded
+services) and flows (orchestration). Heavy libraries are imported inside the
+commands that need them so that `aligndiff --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from components.errors import UserError
+
+
+def _project(args):
+    from components.project import Project
+
+    return Project.load(args.project, args.params)
+
+
+def _use_embedded_prefect(project) -> None:
+    """Flows run in this process report to the project's Prefect server."""
+    os.environ["PREFECT_API_URL"] = project.prefect_api_url
+    os.environ.setdefault("PREFECT_HOME", str(project.state_dir / "prefect"))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def cmd_params(args) -> int:
+    project = _project(args)
+    print(json.dumps(project.params.model_dump(), indent=2))
+    return 0
+
+
+def cmd_init(args) -> int:
+    from components import credentials
+    from components.dvc_remote import configure_remote
+
+    project = _project(args)
+    added = credentials.generate_missing(project.env_file)
+    if added:
+        print(f"generated {', '.join(added)} in {project.env_file} (mode 0600)")
+    if (project.root / ".dvc").is_dir():
+        configure_remote(project)
+        print(f"DVC default remote: {project.dvc_remote_url} at {project.s3_endpoint or 'AWS S3'}")
+    return 0
+
+
+def cmd_up(args) -> int:
+    from infra.stack import Stack
+
+    project = _project(args)
+    t0 = time.monotonic()
+    result = Stack(project).up()
+    if args.json:
+        print(json.dumps({"seconds": round(time.monotonic() - t0, 1), "services": result}, indent=2))
+    else:
+        started = [n for n, r in result.items() if r["started"]]
+        print(f"services up in {time.monotonic() - t0:.1f} s"
+              + (f" (started: {', '.join(started)})" if started else " (all were already running)"))
+    return 0
+
+
+def cmd_down(args) -> int:
+    from infra.stack import Stack
+
+    stopped = Stack(_project(args)).down()
+    print("stopped: " + ", ".join(stopped) if stopped else "nothing was running")
+    return 0
+
+
+def cmd_status(args) -> int:
+    from infra.stack import Stack
+
+    status = Stack(_project(args)).status()
+    if args.json:
+        print(json.dumps(status, indent=2))
+    else:
+        for name, s in status.items():
+            where = f"pid {s['pid']}" if s["pid"] else ("external" if not s["embedded"] else "not running")
+            print(f"{s['title']:<15} {'healthy' if s['healthy'] else 'DOWN':<8} {s['url']:<28} {where}")
+    return 0 if all(s["healthy"] for s in status.values()) else 1
+
+
+def cmd_demo(args) -> int:
+    from infra.stack import Stack
+
+    project = _project(args)
+    Stack(project).up()
+    _use_embedded_prefect(project)
+    from flows.pipeline import reproduce
+
+    summary = reproduce(root=str(project.root))
+    print()
+    print(f"Prefect UI:       {project.prefect_ui_url}")
+    print(f"Label Studio:     {project.label_studio_url}")
+    print(f"stages run:       {', '.join(summary['stages_run']) or 'none (all up to date)'}")
+    print(f"pushed to remote: {summary['pushed']} file(s) -> {project.dvc_remote_url}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="aligndiff",
+        description="Align text-to-image diffusion models to human feedback.",
+    )
+    parser.add_argument("--project", default=".", type=Path, help="project root (default: current directory)")
+    parser.add_argument("--params", default="params.yaml", help="params file, relative to the root")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("up", help="start the embedded services (S3, Prefect, Label Studio)")
+    p.add_argument("--json", action="store_true", help="print start-up timings as JSON")
+    p.set_defaults(func=cmd_up)
+    sub.add_parser("down", help="stop the embedded services (data stays)").set_defaults(func=cmd_down)
+    p = sub.add_parser("status", help="URL, PID and health of each service (exit 1 if any is down)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+    sub.add_parser("init", help="generate credentials and configure the DVC remote").set_defaults(func=cmd_init)
+    sub.add_parser("params", help="validate params.yaml and print the resolved values").set_defaults(func=cmd_params)
+    sub.add_parser("demo", help="start the services and run the pipeline through Prefect").set_defaults(
+        func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as exc:
+        for line in str(exc).splitlines():
+            print(f"aligndiff: error: {line}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("aligndiff: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
