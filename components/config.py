@@ -125,8 +125,10 @@ def _describe(err: dict[str, Any]) -> str:
         msg = str(err["ctx"]["error"]) if "ctx" in err else err["msg"]
         return f"{loc}: {msg}" if err["loc"] else msg
     msg = err["msg"]
-    if msg.startswith("Input should be"):
-        msg = "expected" + msg[len("Input should be") :]
+    for prefix, replacement in (("Input should be", "expected"), ("String should match", "expected a string matching"),
+                                ("String should have", "expected a string with")):
+        if msg.startswith(prefix):
+            msg = replacement + msg[len(prefix):]
     return f"{loc}: {msg}, got {err.get('input')!r}"
 
 

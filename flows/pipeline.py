@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from contextlib import chdir, contextmanager
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -12,34 +14,33 @@ from components.locking import file_lock
 from components.project import Project
 
 
-def _repo_lock(project: Project):
-    logger = get_run_logger()
-    return file_lock(project.state_dir / "locks" / "dvc-repo.lock",
-                     on_wait=lambda: logger.info("another run holds the DVC repo; waiting"))
+@contextmanager
+def _dvc_repo(root: str):
+    """The DVC repo at ``root``, held exclusively: concurrent runs queue here.
 
-
-@task(name="dvc repro")
-def repro(root: str, targets: list[str] | None = None) -> list[str]:
-    import os
-
+    DVC resolves paths against the working directory, so we work from the root.
+    """
     from dvc.repo import Repo
 
     project = Project.load(root)
     os.environ.update(dvc_env(project))
-    with _repo_lock(project), Repo(root) as repo:
+    logger = get_run_logger()
+    lock = file_lock(project.state_dir / "locks" / "dvc-repo.lock",
+                     on_wait=lambda: logger.info("another run holds the DVC repo; waiting"))
+    with lock, chdir(root), Repo(root) as repo:
+        yield repo
+
+
+@task(name="dvc repro")
+def repro(root: str, targets: list[str] | None = None) -> list[str]:
+    with _dvc_repo(root) as repo:
         stages = repo.reproduce(targets=targets or None)
     return [stage.addressing for stage in stages]
 
 
 @task(name="dvc push", retries=3, retry_delay_seconds=[2, 10, 30])
 def push(root: str) -> int:
-    import os
-
-    from dvc.repo import Repo
-
-    project = Project.load(root)
-    os.environ.update(dvc_env(project))
-    with _repo_lock(project), Repo(root) as repo:
+    with _dvc_repo(root) as repo:
         return repo.push()
 
 

@@ -1,0 +1,98 @@
+"""Shared fixtures: one real embedded stack (S3, Prefect, Label Studio) per test session.
+
+The stack runs from a temporary project (its own state dir, credentials and free
+ports), so tests never touch the developer's own services or data. Label Studio's
+virtualenv is shared with the repo's (installed once, on first use).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Client-side Prefect state for this test process stays out of ~/.prefect.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+
+
+def free_ports(n: int) -> list[int]:
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+def write_project(root: Path, **service_overrides) -> Path:
+    """A project directory with params.yaml on free ports; returns its root."""
+    root.mkdir(parents=True, exist_ok=True)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    s3_port, prefect_port, ls_port = free_ports(3)
+    services = params["services"]
+    services["s3"]["port"] = s3_port
+    services["prefect"]["port"] = prefect_port
+    services["label_studio"]["port"] = ls_port
+    services["label_studio"]["venv"] = str(REPO / ".aligndiff" / "venvs" / "label-studio")
+    for dotted, value in service_overrides.items():
+        node = services
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return root
+
+
+def run(cmd: list[str], cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True)
+    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+@pytest.fixture(scope="session")
+def stack_project(tmp_path_factory):
+    """A git + DVC project whose embedded services are up for the whole session."""
+    from components.project import Project
+    from infra.stack import Stack
+
+    root = write_project(tmp_path_factory.mktemp("project"))
+    run(["git", "init", "-q"], root)
+    run([sys.executable, "-m", "dvc", "init", "-q"], root)
+    project = Project.load(root)
+    stack = Stack(project)
+    try:
+        stack.up()
+        yield project
+    finally:
+        stack.down()
+        leftovers = [name for name in ("s3", "prefect", "label_studio") if stack.running_pid(name)]
+        assert not leftovers, f"services still running after down: {leftovers}"
+
+
+@pytest.fixture
+def prefect_api(stack_project):
+    """Point this process's Prefect client at the session's embedded server."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
+
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    with temporary_settings(updates={PREFECT_API_URL: stack_project.prefect_api_url,
+                                     PREFECT_HOME: str(stack_project.state_dir / "prefect-client")}):
+        yield stack_project.prefect_api_url
+        # Flush logs and events now: once the session stops the server, they could
+        # only retry against a dead port while the interpreter exits.
+        APILogWorker.drain_all()
+        EventsWorker.drain_all()
