@@ -1,0 +1,88 @@
+"""The synthetic world: grammar, renderer and judge."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from components.world.grammar import Composition, all_compositions, parse_prompt, vocabulary
+from components.world.judge import judge
+from components.world.render import IMAGE_SIZE, render, render_batch
+
+COMPOSITIONS = all_compositions()
+
+
+def test_grammar_has_96_compositions_with_unique_round_tripping_prompts():
+    assert len(COMPOSITIONS) == 96
+    prompts = [c.prompt for c in COMPOSITIONS]
+    assert len(set(prompts)) == 96
+    assert all(parse_prompt(p) == c for p, c in zip(prompts, COMPOSITIONS))
+    assert Composition(3, "green", "circle", "black").prompt == "three green circles on a black background"
+    assert Composition(1, "red", "square", "gray").prompt == "one red square on a gray background"
+    assert parse_prompt("  Three GREEN circles on a black   background ") == Composition(3, "green", "circle", "black")
+    assert parse_prompt("five green circles on a black background") is None
+    assert all(w in vocabulary() for p in prompts for w in p.split())
+
+
+def test_perturbations_change_exactly_one_attribute():
+    c = Composition(2, "blue", "square", "white")
+    perturbed = c.perturbations()
+    assert len(perturbed) == 3 + 3 + 1 + 2
+    for p in perturbed:
+        diffs = [a for a in ("count", "colour", "shape", "background") if p.value(a) != c.value(a)]
+        assert len(diffs) == 1
+
+
+def test_renderer_is_deterministic_and_uses_the_palette():
+    a = render_batch(COMPOSITIONS, seed=7)
+    b = render_batch(COMPOSITIONS, seed=7)
+    assert a.shape == (96, IMAGE_SIZE, IMAGE_SIZE, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, render_batch(COMPOSITIONS, seed=8))
+    image = render(Composition(2, "red", "square", "black"), np.random.default_rng(0))
+    colours = {tuple(px) for px in image.reshape(-1, 3)}
+    assert colours == {(0, 0, 0), (230, 25, 25)}
+
+
+def test_judge_agrees_with_rendered_images_at_least_99_percent():
+    rng = np.random.default_rng(123)
+    verdicts = [judge(render(c, rng), c) for c in COMPOSITIONS * 10]
+    assert sum(v.aligned for v in verdicts) / len(verdicts) >= 0.99
+
+
+def test_judge_rejects_near_misses_naming_the_wrong_attribute():
+    rng = np.random.default_rng(5)
+    for c in COMPOSITIONS:
+        image = render(c, rng)
+        for wrong in c.perturbations():
+            verdict = judge(image, wrong)
+            assert not verdict.aligned, (c.prompt, wrong.prompt)
+            attribute = next(a for a in ("count", "colour", "shape", "background") if c.value(a) != wrong.value(a))
+            assert not getattr(verdict, attribute)
+            assert verdict.score == 3
+
+
+def test_judge_reason_says_what_was_expected_and_found():
+    image = render(Composition(2, "green", "circle", "black"), np.random.default_rng(0))
+    verdict = judge(image, "three green circles on a black background")
+    assert verdict.reason == "expected three, found two blobs"
+    verdict = judge(image, "two red circles on a white background")
+    assert "expected red, saw green" in verdict.reason and "expected a white background, saw black" in verdict.reason
+
+
+@pytest.mark.parametrize("noise, blur", [(10, 0.6), (20, 0.0)])
+def test_judge_is_robust_to_generation_noise(noise, blur):
+    rng = np.random.default_rng(9)
+    agree = 0
+    for c in COMPOSITIONS * 3:
+        image = render(c, rng).astype(float)
+        image = ndimage.gaussian_filter(image, sigma=(blur, blur, 0)) if blur else image
+        image = np.clip(image + rng.normal(0, noise, image.shape), 0, 255).astype(np.uint8)
+        agree += judge(image, c).aligned
+    assert agree / (3 * len(COMPOSITIONS)) >= 0.95
+
+
+def test_judge_refuses_prompts_outside_the_grammar():
+    with pytest.raises(ValueError, match="not in the world grammar"):
+        judge(np.zeros((32, 32, 3), np.uint8), "a photo of a cat")
