@@ -98,11 +98,39 @@ class Models(_Strict):
     sdxl: ModelSource = ModelSource(repo_id="stabilityai/stable-diffusion-xl-base-1.0")
 
 
+class WorldParams(_Strict):
+    # count×colour pairs ("two blue") never shown in pre-training: held-out
+    # alignment on them measures generalisation.
+    holdout: list[str] = ["two blue", "four red", "one yellow", "three green"]
+
+    @model_validator(mode="after")
+    def _known_pairs(self) -> WorldParams:
+        from components.world.grammar import COLOURS, COUNTS
+
+        for pair in self.holdout:
+            words = pair.split()
+            if len(words) != 2 or words[0] not in COUNTS or words[1] not in COLOURS:
+                raise ValueError(f"holdout entry {pair!r} must be '<count> <colour>' from the world vocabulary")
+        return self
+
+
+class CurateParams(_Strict):
+    # "world" (the grammar) and/or paths of .txt/.csv/.jsonl prompt files (relative to the root)
+    sources: list[str] = Field(["world"], min_length=1)
+    eval_fraction: float = Field(0.25, ge=0, lt=1)
+    min_chars: int = Field(3, ge=1)
+    max_chars: int = Field(300, ge=1)
+    max_line_chars: int = Field(4000, ge=1)
+    blocklist: list[str] = []
+
+
 class Params(_Strict):
     profile: Literal["world", "sd15", "sdxl"] = "world"
     seed: int = Field(0, ge=0)
     services: Services = Services()
     models: Models = Models()
+    world: WorldParams = WorldParams()
+    curate: CurateParams = CurateParams()
 
     @model_validator(mode="after")
     def _profile_has_weights(self) -> Params:

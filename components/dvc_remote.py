@@ -10,6 +10,8 @@ process list.
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 from components.project import Project
 
@@ -17,8 +19,13 @@ REMOTE_NAME = "storage"
 
 
 def dvc_env(project: Project) -> dict[str, str]:
-    """Environment for DVC: keep its site cache inside the project state dir, no analytics."""
-    return {"DVC_SITE_CACHE_DIR": str(project.state_dir / "dvc-site-cache"), "DVC_NO_ANALYTICS": "1"}
+    """Environment for DVC: stage commands (`python -m components...`) run with this
+    interpreter's environment first on PATH; the site cache stays in the state dir."""
+    bin_dir = str(Path(sys.executable).parent)
+    path = os.environ.get("PATH", "")
+    if not path.startswith(bin_dir + os.pathsep):
+        path = bin_dir + os.pathsep + path
+    return {"PATH": path, "DVC_SITE_CACHE_DIR": str(project.state_dir / "dvc-site-cache"), "DVC_NO_ANALYTICS": "1"}
 
 
 def configure_remote(project: Project) -> None:
