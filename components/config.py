@@ -98,10 +98,27 @@ class Models(_Strict):
     sdxl: ModelSource = ModelSource(repo_id="stabilityai/stable-diffusion-xl-base-1.0")
 
 
+class WorldModelParams(_Strict):
+    channels: list[int] = Field([32, 64, 64], min_length=2, max_length=4)
+    layers_per_block: int = Field(1, ge=1, le=3)
+    text_dim: int = Field(64, ge=8)
+    text_layers: int = Field(2, ge=1, le=6)
+    # Self-attention only at feature maps this small or smaller; larger ones keep
+    # cross-attention only (self-attention over 16×16 tokens doubles the step time).
+    self_attention_max_resolution: int = Field(8, ge=1, le=32)
+
+    @model_validator(mode="after")
+    def _divisible(self) -> WorldModelParams:
+        if any(c % 8 for c in self.channels) or self.text_dim % 8:
+            raise ValueError("channels and text_dim must be multiples of 8 (group norm and attention heads)")
+        return self
+
+
 class WorldParams(_Strict):
     # count×colour pairs ("two blue") never shown in pre-training: held-out
     # alignment on them measures generalisation.
     holdout: list[str] = ["two blue", "four red", "one yellow", "three green"]
+    model: WorldModelParams = WorldModelParams()
 
     @model_validator(mode="after")
     def _known_pairs(self) -> WorldParams:
@@ -124,6 +141,51 @@ class CurateParams(_Strict):
     blocklist: list[str] = []
 
 
+class CaptionNoise(_Strict):
+    count_off_by_one: float = Field(0.35, ge=0, le=1)
+    wrong_background: float = Field(0.20, ge=0, le=1)
+
+
+class PretrainParams(_Strict):
+    steps: int = Field(900, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0, le=1)
+    warmup_steps: int = Field(50, ge=0)
+    ema_decay: float = Field(0.995, ge=0, lt=1)
+    cfg_dropout: float = Field(0.1, ge=0, lt=1)
+    min_snr_gamma: float = Field(5.0, gt=0)
+    caption_noise: CaptionNoise = CaptionNoise()
+    probe_every: int = Field(150, ge=1)  # steps between alignment probes (the training curve)
+    probe_images_per_composition: int = Field(1, ge=1)
+    checkpoint_every: int = Field(50, ge=1)
+    threads: int = Field(2, ge=1)
+
+
+class SampleParams(_Strict):
+    steps: int = Field(20, ge=1, le=1000)
+    guidance_scale: float = Field(3.0, ge=0)
+    eta: float = Field(1.0, ge=0, le=1)
+
+
+class EvaluateBaseParams(_Strict):
+    # 4 × 96 = 384 images: enough to see a ≈5-point change in alignment
+    images_per_composition: int = Field(4, ge=1)
+
+
+class GenerateParams(_Strict):
+    images_per_prompt: int = Field(4, ge=1)
+    # images per prompt that share one initial noise x_T: 1 = independent, 2 = pairs (D3PO)
+    shared_noise_group: int = Field(2, ge=1)
+    batch_size: int = Field(32, ge=1)
+    splits: list[Literal["train", "eval"]] = Field(["train", "eval"], min_length=1)
+
+    @model_validator(mode="after")
+    def _groups(self) -> GenerateParams:
+        if self.images_per_prompt % self.shared_noise_group:
+            raise ValueError("images_per_prompt must be a multiple of shared_noise_group")
+        return self
+
+
 class Params(_Strict):
     profile: Literal["world", "sd15", "sdxl"] = "world"
     seed: int = Field(0, ge=0)
@@ -131,6 +193,10 @@ class Params(_Strict):
     models: Models = Models()
     world: WorldParams = WorldParams()
     curate: CurateParams = CurateParams()
+    pretrain: PretrainParams = PretrainParams()
+    sample: SampleParams = SampleParams()
+    evaluate_base: EvaluateBaseParams = EvaluateBaseParams()
+    generate: GenerateParams = GenerateParams()
 
     @model_validator(mode="after")
     def _profile_has_weights(self) -> Params:

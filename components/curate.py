@@ -29,6 +29,7 @@ from pathlib import Path
 
 from components.config import CurateParams
 from components.errors import UserError
+from components.stage import run_stage
 from components.world.grammar import all_compositions
 
 PROMPTS_OUT = Path("data/prompts.parquet")
@@ -208,7 +209,10 @@ def write_outputs(rows: list[dict], report: dict, prompts_out: Path, report_out:
 def run(root: Path = Path(".")) -> dict:
     from components.project import Project
 
-    project = Project.load(root)
+    return curate_project(Project.load(root))
+
+
+def curate_project(project) -> dict:
     params = project.params
     prompts: list[Prompt] = []
     for source in params.curate.sources:
@@ -221,14 +225,13 @@ def run(root: Path = Path(".")) -> dict:
     return report
 
 
+def _stage(project) -> str:
+    report = curate_project(project)
+    return f"{report['prompts']} prompts ({report['splits']}); dropped {report['dropped'] or 'none'}"
+
+
 def main() -> int:
-    try:
-        report = run()
-    except UserError as exc:
-        print(f"curate: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    print(f"curate: {report['prompts']} prompts ({report['splits']}); dropped {report['dropped'] or 'none'}")
-    return 0
+    return run_stage("curate", _stage)
 
 
 if __name__ == "__main__":

@@ -86,6 +86,15 @@ def cmd_status(args) -> int:
     return 0 if all(s["healthy"] for s in status.values()) else 1
 
 
+def cmd_sample(args) -> int:
+    from components import sample_cli
+
+    project = _project(args)
+    rows = sample_cli.run(project, args.model, args.prompts, args.n, args.seed, args.out)
+    print(f"wrote {len(rows)} images and manifest.csv to {args.out}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from infra.stack import Stack
 
@@ -121,6 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_status)
     sub.add_parser("init", help="generate credentials and configure the DVC remote").set_defaults(func=cmd_init)
     sub.add_parser("params", help="validate params.yaml and print the resolved values").set_defaults(func=cmd_params)
+    p = sub.add_parser("sample", help="sample images from a model for a prompts file")
+    p.add_argument("--model", default="production", help="base, production, or a model directory (default: production)")
+    p.add_argument("--prompts", required=True, type=Path, help="text file, one prompt per line")
+    p.add_argument("--n", type=int, default=4, help="images per prompt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, type=Path, help="output folder (new or empty)")
+    p.set_defaults(func=cmd_sample)
     sub.add_parser("demo", help="start the services and run the pipeline through Prefect").set_defaults(
         func=cmd_demo)
     return parser

@@ -8,6 +8,7 @@ virtualenv is shared with the repo's (installed once, on first use).
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -52,6 +53,17 @@ def write_project(root: Path, **service_overrides) -> Path:
             node = node[key]
         node[leaf] = value
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return root
+
+
+def sibling_project(stack_project, root: Path, edit=None) -> Path:
+    """A second project using the session's services (same ports and credentials)."""
+    root.mkdir(parents=True, exist_ok=True)
+    params = yaml.safe_load((stack_project.root / "params.yaml").read_text())
+    if edit:
+        edit(params)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    shutil.copy(stack_project.env_file, root / ".env")
     return root
 
 

@@ -1,0 +1,189 @@
+"""`generate` stage: K images per curated prompt, with their recorded trajectories.
+
+For every prompt of the chosen splits and k < images_per_prompt, one generation with
+its own seed; images in groups of ``shared_noise_group`` share x_T (D3PO compares
+images that start from the same noise). PNGs and trajectories (safetensors: x_T…x_0,
+timesteps, per-step log-probs, prompt embeddings) go to the object store under
+content-addressed keys; ``data/generations.parquet`` (DVC-tracked) points at them.
+
+Deterministic from the seeds. Resumable: each finished batch is recorded in a shard
+under the state dir, so a killed run continues where it stopped and yields exactly
+the manifest an uninterrupted run would. Run as a stage: ``python -m components.generate``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from components import models
+from components.errors import UserError
+from components.project import Project
+from components.sampling import SamplerConfig, Trajectories, derive_seed, sample
+from components.stage import run_stage
+
+PROMPTS_IN = Path("data/prompts.parquet")
+MANIFEST_OUT = Path("data/generations.parquet")
+REPORT_OUT = Path("reports/generate.json")
+MANIFEST_COLUMNS = ["generation_id", "prompt_id", "prompt", "split", "model_version", "seed", "init_seed",
+                    "noise_group", "sampler", "image_key", "trajectory_key"]
+
+
+@dataclass(frozen=True)
+class Job:
+    prompt_id: str
+    prompt: str
+    split: str
+    k: int
+    seed: int
+    init_seed: int
+    noise_group: int
+
+
+def plan(prompts, images_per_prompt: int, shared_noise_group: int, seed: int) -> list[Job]:
+    """Every generation to make, in a fixed order (prompts by id, then k)."""
+    jobs = []
+    for row in sorted(prompts, key=lambda r: r["id"]):
+        for k in range(images_per_prompt):
+            group = k // shared_noise_group
+            jobs.append(Job(prompt_id=row["id"], prompt=row["text"], split=row["split"], k=k,
+                            seed=derive_seed(seed, f"{row['id']}:{k}"),
+                            init_seed=derive_seed(seed, f"{row['id']}:group{group}"), noise_group=group))
+    return jobs
+
+
+def generation_id(job: Job, model_version: str, sampler: dict) -> str:
+    key = json.dumps([job.prompt_id, model_version, job.seed, job.init_seed, sampler], sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def trajectory_bytes(traj: Trajectories, i: int, metadata: dict[str, str]) -> bytes:
+    from safetensors.torch import save
+
+    tensors = {
+        "latents": traj.latents[i].contiguous(),
+        "timesteps": traj.timesteps.contiguous(),
+        "log_probs": traj.log_probs[i].contiguous(),
+        "prompt_embeds": traj.prompt_embeds[i].contiguous(),
+        "negative_embeds": traj.negative_embeds[i].contiguous(),
+    }
+    return save(tensors, metadata=metadata)
+
+
+def load_trajectory(data: bytes) -> dict:
+    from safetensors.torch import load
+
+    return load(data)
+
+
+def _progress(total: int, done: int):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    progress = Progress(TextColumn("generate"), BarColumn(), MofNCompleteColumn(), TextColumn("images"),
+                        TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), transient=False)
+    task = progress.add_task("generate", total=total, completed=done, rate="")
+    return progress, task
+
+
+def run(project: Project, model: str = "base") -> dict:
+    import pandas as pd
+    import torch
+
+    params = project.params
+    torch.set_num_threads(params.pretrain.threads)
+    prompts_path = project.path(PROMPTS_IN)
+    if not prompts_path.exists():
+        raise UserError(f"{prompts_path}: no curated prompts; run `dvc repro curate` first")
+    prompts = pd.read_parquet(prompts_path)
+    prompts = prompts[prompts["split"].isin(params.generate.splits)].to_dict("records")
+    if not prompts:
+        raise UserError(f"{prompts_path}: no prompts in splits {params.generate.splits} (generate.splits)")
+
+    where = models.resolve(project, model)
+    version = models.model_version(where)
+    sampler = SamplerConfig(**params.sample.model_dump())
+    sampler_json = json.dumps(sampler.as_dict(), sort_keys=True)
+    jobs = plan(prompts, params.generate.images_per_prompt, params.generate.shared_noise_group, params.seed)
+    batch_size = params.generate.batch_size
+    batches = [jobs[i:i + batch_size] for i in range(0, len(jobs), batch_size)]
+    run_key = hashlib.sha256(json.dumps([version, sampler_json, batch_size, [(j.prompt_id, j.seed, j.init_seed)
+                                         for j in jobs]]).encode()).hexdigest()[:16]
+    shard_dir = project.state_dir / "cache" / "generate" / run_key
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    store = project.object_store()
+    store.ensure_bucket()
+
+    pending = [i for i in range(len(batches)) if not (shard_dir / f"batch-{i:05d}.parquet").exists()]
+    done_images = sum(len(batches[i]) for i in range(len(batches)) if i not in set(pending))
+    pipe = models.load_pipeline(where) if pending else None
+    t0, made = time.monotonic(), 0
+    progress, task = _progress(len(jobs), done_images)
+    with progress:
+        for index in pending:
+            batch = batches[index]
+            traj = sample(pipe, [j.prompt for j in batch], [j.seed for j in batch], sampler,
+                          init_seeds=[j.init_seed for j in batch])
+            rows = []
+            for i, job in enumerate(batch):
+                gid = generation_id(job, version, sampler.as_dict())
+                image_key = store.put_bytes(png_bytes(traj.images[i]), "images", ".png", content_type="image/png")
+                traj_key = store.put_bytes(trajectory_bytes(traj, i, {"generation_id": gid, "prompt": job.prompt,
+                                                                      "model_version": version,
+                                                                      "sampler": sampler_json}),
+                                           "trajectories", ".safetensors")
+                rows.append({"generation_id": gid, "prompt_id": job.prompt_id, "prompt": job.prompt,
+                             "split": job.split, "model_version": version, "seed": job.seed,
+                             "init_seed": job.init_seed, "noise_group": job.noise_group, "sampler": sampler_json,
+                             "image_key": image_key, "trajectory_key": traj_key})
+            shard = shard_dir / f"batch-{index:05d}.parquet"
+            pd.DataFrame(rows, columns=MANIFEST_COLUMNS).to_parquet(shard.with_suffix(".tmp"), index=False)
+            shard.with_suffix(".tmp").replace(shard)
+            made += len(batch)
+            rate = made / (time.monotonic() - t0)
+            progress.update(task, advance=len(batch), rate=f"{rate:.2f} img/s")
+
+    manifest = pd.concat([pd.read_parquet(shard_dir / f"batch-{i:05d}.parquet") for i in range(len(batches))],
+                         ignore_index=True)
+    out = project.path(MANIFEST_OUT)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    manifest.to_parquet(out.with_suffix(".tmp"), index=False)
+    out.with_suffix(".tmp").replace(out)
+    # The report is a DVC output: only deterministic facts, no timings.
+    report = {"generations": len(manifest), "prompts": len(prompts), "model_version": version,
+              "splits": manifest["split"].value_counts().sort_index().to_dict()}
+    report_path = project.path(REPORT_OUT)
+    report_path.parent.mkdir(parents=True, exist_ok=True)
+    report_path.write_text(json.dumps(report, indent=2) + "\n")
+    shutil.rmtree(shard_dir, ignore_errors=True)
+    seconds = time.monotonic() - t0
+    return {**report, "made_this_run": made, "images_per_second": round(made / seconds, 3) if made else None}
+
+
+def _stage(project: Project) -> str:
+    report = run(project)
+    rate = f", {report['images_per_second']} images/s" if report["images_per_second"] else ""
+    return f"{report['generations']} generations ({report['made_this_run']} made this run{rate})"
+
+
+def main() -> int:
+    return run_stage("generate", _stage)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""Which text-to-image pipeline a stage uses, and a stable version string for it.
+
+- world profile: ``models/base`` (built by the ``pretrain`` stage), a ``WorldPipeline``;
+- sd15 / sdxl: a diffusers checkpoint from a local directory, or a hub repo at a pinned
+  40-hex revision, always loaded with ``local_files_only`` (no network at run time).
+
+``production`` resolves through the registry's production pointer once a model has
+been promoted, and to ``base`` until then.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from components.errors import UserError
+from components.project import Project
+
+BASE_DIR = Path("models/base")
+PRODUCTION_POINTER = Path("models/production.json")
+
+
+def resolve(project: Project, name: str = "base") -> Path | str:
+    """A local model directory, or ``repo_id@revision`` for a pinned hub checkpoint."""
+    if name == "production":
+        pointer = project.path(PRODUCTION_POINTER)
+        if pointer.exists():
+            return project.path(json.loads(pointer.read_text())["path"])
+        name = "base"
+    if name == "base":
+        if project.params.profile == "world":
+            path = project.path(BASE_DIR)
+            if not (path / "model_index.json").exists():
+                raise UserError(f"{path}: no base model yet; build it with `dvc repro pretrain`")
+            return path
+        source = getattr(project.params.models, project.params.profile)
+        if source.path:
+            return project.path(source.path)
+        return f"{source.repo_id}@{source.revision}"
+    path = project.path(name)
+    if not (path / "model_index.json").exists():
+        raise UserError(f"{name}: not a model: expected base, production or a diffusers directory "
+                        "with model_index.json")
+    return path
+
+
+def load_pipeline(where: Path | str, dtype=None):
+    import torch
+    from diffusers import DiffusionPipeline
+
+    dtype = dtype or torch.float32
+    if isinstance(where, str):
+        repo_id, revision = where.split("@", 1)
+        try:
+            return DiffusionPipeline.from_pretrained(repo_id, revision=revision, local_files_only=True,
+                                                     torch_dtype=dtype, safety_checker=None)
+        except OSError as exc:
+            raise UserError(f"{repo_id}@{revision} is not in the local Hugging Face cache ({exc}); "
+                            "download it once on a connected machine or set models.<profile>.path") from None
+    index = json.loads((where / "model_index.json").read_text())
+    if index.get("_class_name") == "WorldPipeline":
+        from components.world.model import WorldPipeline
+
+        return WorldPipeline.from_pretrained(where, local_files_only=True, torch_dtype=dtype)
+    return DiffusionPipeline.from_pretrained(where, local_files_only=True, torch_dtype=dtype, safety_checker=None,
+                                             requires_safety_checker=False)
+
+
+def model_version(where: Path | str) -> str:
+    """Content hash of a model directory (weights hashed in full when small, else by size)."""
+    if isinstance(where, str):
+        return where
+    digest = hashlib.sha256()
+    for path in sorted(p for p in where.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(where)).encode())
+        if path.stat().st_size <= 256 * 2**20:
+            digest.update(path.read_bytes())
+        else:
+            digest.update(str(path.stat().st_size).encode())
+    return digest.hexdigest()[:16]

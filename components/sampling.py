@@ -1,0 +1,176 @@
+"""The trajectory sampler shared by generation and the trajectory-based trainers.
+
+DDIM with eta (1.0 = DDPM-like, so every step has a finite Gaussian density) and
+classifier-free guidance. It records x_T…x_0, the timesteps, the prompt embeddings
+and the per-step log-prob of the *guided* step. Conventions (as in the public
+DDPO/D3PO code): the log-prob is the Gaussian log-density averaged over the
+sample's dimensions; the step math is exactly ``DDIMScheduler.step`` (including
+x0 clipping when the scheduler clips).
+
+Every sample has its own seeds (one for x_T, one for the step noise), so a sample
+does not depend on which batch it was drawn in (up to float rounding of batched
+kernels; stages keep batch boundaries fixed, so re-runs are bit-identical), and two
+images can share x_T (as D3PO needs) while their step noise differs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    steps: int = 20
+    guidance_scale: float = 3.0
+    eta: float = 1.0
+
+    def as_dict(self) -> dict:
+        return {"sampler": "ddim", "steps": self.steps, "guidance_scale": self.guidance_scale, "eta": self.eta}
+
+
+@dataclass
+class Trajectories:
+    latents: torch.Tensor  # (B, T+1, C, H, W): x_T … x_0
+    timesteps: torch.Tensor  # (T,)
+    log_probs: torch.Tensor  # (B, T): log p(x_{t-1} | x_t, c) under the sampling model
+    prompt_embeds: torch.Tensor  # (B, L, D)
+    negative_embeds: torch.Tensor  # (B, L, D)
+    images: np.ndarray  # (B, H, W, 3) uint8
+
+
+def derive_seed(seed: int, stream: str) -> int:
+    """An independent 63-bit seed for one named random stream of a sample."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{stream}".encode()).digest()[:8], "big") >> 1
+
+
+# ---- model adapters: the world pipeline (pixel space) and Stable Diffusion (latent) --
+
+def encode_prompts(pipe, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(conditional, unconditional) prompt embeddings."""
+    if hasattr(pipe, "vae"):
+        cond, uncond = pipe.encode_prompt(prompts, device=pipe.device, num_images_per_prompt=1,
+                                          do_classifier_free_guidance=True)
+        return cond, uncond
+    return pipe.encode_prompt(prompts), pipe.encode_prompt([""] * len(prompts))
+
+
+def sample_shape(pipe) -> tuple[int, int, int]:
+    cfg = pipe.unet.config
+    size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
+    return (cfg.in_channels, size, size)
+
+
+def to_images(pipe, x0: torch.Tensor) -> np.ndarray:
+    if hasattr(pipe, "vae"):
+        decoded = pipe.vae.decode(x0.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor).sample
+        x0 = decoded.float()
+    return ((x0.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+# ---- the math -------------------------------------------------------------------
+
+def timestep_pairs(scheduler, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sampling timesteps and each one's predecessor (-1 = the final step)."""
+    scheduler.set_timesteps(steps)
+    timesteps = scheduler.timesteps.clone()
+    prev = timesteps - scheduler.config.num_train_timesteps // steps
+    return timesteps, prev
+
+
+def guided_output(unet, x: torch.Tensor, t: torch.Tensor | int, cond: torch.Tensor, uncond: torch.Tensor,
+                  guidance_scale: float) -> torch.Tensor:
+    """Classifier-free-guided model output (ε, v or x0, whatever the model predicts)."""
+    out = unet(torch.cat([x, x]), t, torch.cat([uncond, cond])).sample
+    out_uncond, out_cond = out.chunk(2)
+    return out_uncond + guidance_scale * (out_cond - out_uncond)
+
+
+def predictions(scheduler, model_output: torch.Tensor, x_t: torch.Tensor, alpha_t: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x0, ε) implied by the model output, for the scheduler's prediction type."""
+    kind = scheduler.config.prediction_type
+    a, b = alpha_t.sqrt(), (1 - alpha_t).sqrt()
+    if kind == "epsilon":
+        return (x_t - b * model_output) / a, model_output
+    if kind == "v_prediction":
+        return a * x_t - b * model_output, a * model_output + b * x_t
+    if kind == "sample":
+        return model_output, (x_t - a * model_output) / b
+    raise ValueError(f"unsupported prediction_type {kind!r}")
+
+
+def ddim_step(scheduler, model_output: torch.Tensor, t: int, prev_t: int, x_t: torch.Tensor, eta: float,
+              noise: torch.Tensor | None = None, prev_sample: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One DDIM step; returns (x_{t-1}, log-prob per sample).
+
+    Give ``noise`` to sample x_{t-1}, or ``prev_sample`` to score a recorded one.
+    """
+    alphas = scheduler.alphas_cumprod.to(x_t.device, torch.float32)
+    alpha_t = alphas[t]
+    alpha_prev = alphas[prev_t] if prev_t >= 0 else scheduler.final_alpha_cumprod.to(x_t.device, torch.float32)
+    beta_t = 1 - alpha_t
+    x_t = x_t.float()
+    pred_x0, eps = predictions(scheduler, model_output.float(), x_t, alpha_t)
+    if scheduler.config.clip_sample:
+        limit = scheduler.config.clip_sample_range
+        pred_x0 = pred_x0.clamp(-limit, limit)
+    variance = (1 - alpha_prev) / beta_t * (1 - alpha_t / alpha_prev)
+    std = eta * variance.sqrt()
+    mean = alpha_prev.sqrt() * pred_x0 + (1 - alpha_prev - std**2).sqrt() * eps
+    if prev_sample is None:
+        if std > 0 and noise is None:
+            raise ValueError("ddim_step needs noise to sample when eta > 0")
+        prev_sample = mean + std * noise if std > 0 else mean
+    if std == 0:
+        return prev_sample, torch.zeros(x_t.shape[0], device=x_t.device)
+    log_prob = (-((prev_sample.detach().float() - mean) ** 2) / (2 * std**2)
+                - torch.log(std) - 0.5 * math.log(2 * math.pi))
+    return prev_sample, log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
+
+
+def step_log_prob(pipe_or_unet, scheduler, x_t: torch.Tensor, t: int, prev_t: int, x_prev: torch.Tensor,
+                  cond: torch.Tensor, uncond: torch.Tensor, config: SamplerConfig) -> torch.Tensor:
+    """Log-prob of a recorded step under a (possibly different) model; differentiable."""
+    unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
+    out = guided_output(unet, x_t, t, cond, uncond, config.guidance_scale)
+    return ddim_step(scheduler, out, t, prev_t, x_t, config.eta, prev_sample=x_prev)[1]
+
+
+@torch.no_grad()
+def sample(pipe, prompts: list[str], seeds: list[int], config: SamplerConfig, init_seeds: list[int] | None = None,
+           record: bool = True) -> Trajectories:
+    """Sample one image per (prompt, seed); ``init_seeds`` (default: the seeds) choose x_T."""
+    init_seeds = init_seeds if init_seeds is not None else seeds
+    device, dtype = pipe.device, pipe.unet.dtype
+    shape = sample_shape(pipe)
+    cond, uncond = encode_prompts(pipe, prompts)
+    x = torch.stack([
+        torch.randn(shape, generator=torch.Generator().manual_seed(derive_seed(s, "x_T"))) for s in init_seeds
+    ]).to(device) * scheduler_init_sigma(pipe.scheduler)
+    step_rngs = [torch.Generator().manual_seed(derive_seed(s, "steps")) for s in seeds]
+    timesteps, prevs = timestep_pairs(pipe.scheduler, config.steps)
+    latents, log_probs = [x], []
+    for t, prev_t in zip(timesteps.tolist(), prevs.tolist()):
+        out = guided_output(pipe.unet, x.to(dtype), t, cond, uncond, config.guidance_scale)
+        noise = torch.stack([torch.randn(shape, generator=g) for g in step_rngs]).to(device)
+        x, log_prob = ddim_step(pipe.scheduler, out, t, prev_t, x, config.eta, noise=noise)
+        if record:
+            latents.append(x)
+            log_probs.append(log_prob)
+    images = to_images(pipe, x)
+    if not record:
+        return Trajectories(latents=x[:, None], timesteps=timesteps, log_probs=torch.empty(len(prompts), 0),
+                            prompt_embeds=cond, negative_embeds=uncond, images=images)
+    return Trajectories(latents=torch.stack(latents, dim=1).cpu(), timesteps=timesteps,
+                        log_probs=torch.stack(log_probs, dim=1).cpu(), prompt_embeds=cond.float().cpu(),
+                        negative_embeds=uncond.float().cpu(), images=images)
+
+
+def scheduler_init_sigma(scheduler) -> float:
+    return float(getattr(scheduler, "init_noise_sigma", 1.0))

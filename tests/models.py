@@ -1,0 +1,53 @@
+"""Tiny models built from configs, for tests: a world pipeline and a latent Stable Diffusion."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from components.config import WorldModelParams
+
+TINY_WORLD = WorldModelParams(channels=[16, 32], layers_per_block=1, text_dim=32, text_layers=1)
+
+
+def save_tiny_world_model(path: Path, seed: int = 0) -> Path:
+    from components.world.model import WorldPipeline
+
+    pipe = WorldPipeline.from_config_params(TINY_WORLD, seed=seed)
+    with torch.no_grad():  # a zero output layer would make every image the same
+        for param in pipe.unet.conv_out.parameters():
+            param.normal_(0, 0.2)
+    pipe.save_pretrained(path)
+    return path
+
+
+def save_tiny_stable_diffusion(path: Path, seed: int = 0) -> Path:
+    """An SD1.5-shaped pipeline: latent UNet (4×8×8), KL VAE (×4), CLIP text encoder + BPE tokenizer."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in "abcdefghijklmnopqrstuvwxyz":
+        vocab[ch] = len(vocab)
+        vocab[ch + "</w>"] = len(vocab)
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=48)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        max_position_embeddings=48, projection_dim=32, bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(16, 32, 32),
+                        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                        latent_channels=4, norm_num_groups=8, sample_size=32)
+    # Stable Diffusion 1.5's noise schedule.
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(path)
+    return path

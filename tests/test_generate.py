@@ -1,0 +1,145 @@
+"""The generate stage against the real embedded S3: manifest, objects, resume, sd15 path, sample CLI."""
+
+from __future__ import annotations
+
+import csv
+import io
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from components import curate, generate
+from components.project import Project
+from flows.cli import main as cli
+from components.sampling import timestep_pairs
+from components.world.model import build_scheduler
+from tests.conftest import sibling_project
+from tests.models import save_tiny_stable_diffusion, save_tiny_world_model
+
+
+def _settings(params, **generate_overrides):
+    params["sample"]["steps"] = 3
+    params["generate"].update({"images_per_prompt": 2, "shared_noise_group": 2, "batch_size": 8, "splits": ["eval"],
+                               **generate_overrides})
+
+
+def _world_project(stack_project, root, **generate_overrides):
+    root = sibling_project(stack_project, root, edit=lambda p: _settings(p, **generate_overrides))
+    save_tiny_world_model(root / "models" / "base")
+    curate.run(root)
+    return Project.load(root)
+
+
+def test_generate_writes_manifest_and_content_addressed_objects(stack_project, tmp_path):
+    project = _world_project(stack_project, tmp_path / "p")
+    report = generate.run(project)
+    manifest = pd.read_parquet(project.path(generate.MANIFEST_OUT))
+    assert report["generations"] == len(manifest) == 24 * 2  # 24 eval prompts × 2 images
+    assert list(manifest.columns) == generate.MANIFEST_COLUMNS
+    assert manifest["generation_id"].is_unique
+    assert (manifest["split"] == "eval").all()
+
+    store = project.object_store()
+    row = manifest.iloc[0]
+    image = np.array(Image.open(io.BytesIO(store.get_bytes(row["image_key"]))))
+    assert image.shape == (32, 32, 3) and image.dtype == np.uint8
+    traj = generate.load_trajectory(store.get_bytes(row["trajectory_key"]))
+    assert traj["latents"].shape == (4, 3, 32, 32) and traj["log_probs"].shape == (3,)
+    assert traj["timesteps"].tolist() == timestep_pairs(build_scheduler(), 3)[0].tolist()
+    assert traj["timesteps"][0] == 999  # "trailing" spacing starts from pure noise
+    decoded = ((traj["latents"][-1].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    assert np.array_equal(decoded, image)  # the PNG is the trajectory's x_0
+
+    # Images of one noise group share x_T but not their path.
+    pair = manifest[manifest["prompt_id"] == row["prompt_id"]]
+    assert pair["init_seed"].nunique() == 1 and pair["seed"].nunique() == 2
+    a, b = (generate.load_trajectory(store.get_bytes(k)) for k in pair["trajectory_key"])
+    assert torch.equal(a["latents"][0], b["latents"][0]) and not torch.equal(a["latents"][-1], b["latents"][-1])
+
+    again = generate.run(project)
+    assert again["made_this_run"] == 48  # a finished run leaves no shards: deterministic re-creation
+    assert pd.read_parquet(project.path(generate.MANIFEST_OUT)).equals(manifest)
+
+
+def test_killed_run_resumes_to_the_same_manifest(stack_project, tmp_path):
+    reference = _world_project(stack_project, tmp_path / "reference", batch_size=4)
+    generate.run(reference)
+    expected = pd.read_parquet(reference.path(generate.MANIFEST_OUT))
+
+    project = _world_project(stack_project, tmp_path / "killed", batch_size=4)
+    proc = subprocess.Popen([sys.executable, "-m", "components.generate"], cwd=project.root,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    shards = project.state_dir / "cache" / "generate"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and len(list(shards.glob("*/batch-*.parquet"))) < 3:
+        assert proc.poll() is None, "generate finished before it could be killed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(list(shards.glob("*/batch-*.parquet")))
+    assert 3 <= done < 12 and not project.path(generate.MANIFEST_OUT).exists()
+
+    report = generate.run(project)
+    assert report["made_this_run"] == 48 - 4 * done
+    assert pd.read_parquet(project.path(generate.MANIFEST_OUT)).equals(expected)
+
+
+def test_sd15_profile_generates_in_latent_space_with_a_vae(stack_project, tmp_path):
+    model_dir = save_tiny_stable_diffusion(tmp_path / "tiny-sd15")
+
+    def edit(params):
+        _settings(params)
+        params["profile"] = "sd15"
+        params["models"]["sd15"] = {"path": str(model_dir), "repo_id": None, "revision": None}
+
+    root = sibling_project(stack_project, tmp_path / "sd", edit=edit)
+    curate.run(root)
+    project = Project.load(root)
+    generate.run(project)
+    manifest = pd.read_parquet(project.path(generate.MANIFEST_OUT))
+    store = project.object_store()
+    traj = generate.load_trajectory(store.get_bytes(manifest.iloc[0]["trajectory_key"]))
+    assert traj["latents"].shape == (4, 4, 8, 8)  # latents, not pixels
+    assert traj["prompt_embeds"].shape[-1] == 32
+    image = Image.open(io.BytesIO(store.get_bytes(manifest.iloc[0]["image_key"])))
+    assert image.size == (32, 32) and image.mode == "RGB"  # decoded by the VAE
+
+
+def test_sample_cli_is_deterministic_and_writes_a_manifest(stack_project, tmp_path, capsys):
+    project = _world_project(stack_project, tmp_path / "p")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("two red squares on a gray background\n\none blue circle on a white background\n")
+    outs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        assert cli(["--project", str(project.root), "sample", "--model", "base", "--prompts", str(prompts),
+                    "--n", "2", "--seed", "7", "--out", str(out)]) == 0
+        outs.append(out)
+    rows = list(csv.DictReader(open(outs[0] / "manifest.csv")))
+    assert [r["path"] for r in rows] == ["0000_0.png", "0000_1.png", "0001_0.png", "0001_1.png"]
+    assert rows[2]["prompt"] == "one blue circle on a white background"
+    for r in rows:
+        assert (outs[0] / r["path"]).read_bytes() == (outs[1] / r["path"]).read_bytes()
+    # production means base until a model is promoted
+    assert cli(["--project", str(project.root), "sample", "--model", "production", "--prompts", str(prompts),
+                "--n", "2", "--seed", "7", "--out", str(tmp_path / "c")]) == 0
+    assert (tmp_path / "c" / "0001_1.png").read_bytes() == (outs[0] / "0001_1.png").read_bytes()
+
+
+@pytest.mark.parametrize("content, expected", [(b"", "no prompts"), (b"ok\n\xff\n", ":2: not UTF-8")])
+def test_sample_cli_rejects_bad_prompt_files_and_leaves_nothing(stack_project, tmp_path, capsys, content, expected):
+    project = _world_project(stack_project, tmp_path / "p")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes(content)
+    out = tmp_path / "out"
+    assert cli(["--project", str(project.root), "sample", "--model", "base", "--prompts", str(prompts),
+                "--out", str(out)]) == 1
+    assert expected in capsys.readouterr().err
+    assert not out.exists() and not list(tmp_path.glob(".out.*"))
