@@ -109,6 +109,8 @@ def cmd_demo(args) -> int:
     print(f"Label Studio:     {project.label_studio_url}")
     print(f"stages run:       {', '.join(summary['stages_run']) or 'none (all up to date)'}")
     print(f"pushed to remote: {summary['pushed']} file(s) -> {project.dvc_remote_url}")
+    for name, values in summary["metrics"].items():
+        print(f"{name + ':':<17} " + ", ".join(f"{k} {v}" for k, v in values.items()))
     return 0
 
 

@@ -10,6 +10,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from components.dvc_remote import dvc_env
+from components.reports import headline_metrics
 from components.locking import file_lock
 from components.project import Project
 
@@ -44,19 +45,24 @@ def push(root: str) -> int:
         return repo.push()
 
 
+@task(name="read metrics")
+def read_metrics(root: str) -> dict[str, dict]:
+    """Headline numbers the pipeline wrote (base model alignment, for now)."""
+    return headline_metrics(Path(root))
+
+
 @flow(name="reproduce", log_prints=True)
 def reproduce(root: str = ".", targets: list[str] | None = None, push_outputs: bool = True) -> dict:
     """`dvc repro` (optionally of some targets), then push outputs to the DVC remote."""
     root = str(Path(root).resolve())
     stages_run = repro(root, targets)
     pushed = push(root) if push_outputs else 0
-    create_markdown_artifact(
-        key="reproduce-summary",
-        markdown="\n".join([
-            "# dvc repro",
-            f"- stages run: {', '.join(stages_run) or 'none (all up to date)'}",
-            f"- files pushed to the DVC remote: {pushed}",
-        ]),
-        description="What this reproduce run rebuilt and pushed",
-    )
-    return {"stages_run": stages_run, "pushed": pushed}
+    metrics = read_metrics(root)
+    lines = ["# dvc repro", f"- stages run: {', '.join(stages_run) or 'none (all up to date)'}",
+             f"- files pushed to the DVC remote: {pushed}"]
+    for name, values in metrics.items():
+        lines += ["", f"## {name}", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in values.items()]
+    create_markdown_artifact(key="reproduce-summary", markdown="\n".join(lines),
+                             description="What this reproduce run rebuilt, pushed and measured")
+    return {"stages_run": stages_run, "pushed": pushed, "metrics": metrics}

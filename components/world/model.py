@@ -56,7 +56,10 @@ def build_models(cfg: WorldModelParams, tokenizer: PreTrainedTokenizerFast) -> t
         down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (depth - 1),
         up_block_types=("CrossAttnUpBlock2D",) * (depth - 1) + ("UpBlock2D",),
         cross_attention_dim=cfg.text_dim, attention_head_dim=8, norm_num_groups=8,
-        only_cross_attention=tuple(r > cfg.self_attention_max_resolution for r in resolutions))
+        only_cross_attention=tuple(r > cfg.self_attention_max_resolution for r in resolutions),
+        # An attention-pooled prompt embedding added to the timestep embedding conditions
+        # every ResNet block globally: background and count are global properties.
+        addition_embed_type="text", addition_embed_type_num_heads=4)
     return unet, text_encoder
 
 

@@ -95,8 +95,11 @@ class PretrainModule(L.LightningModule):
         pred = self.unet(x_t, t, embeds).sample
         target = alpha.sqrt() * noise - (1 - alpha).sqrt() * x0  # v-prediction
         mse = ((pred - target) ** 2).mean(dim=(1, 2, 3))
+        # Min-SNR-γ clips the weight of nearly clean steps; the +1 keeps full weight on
+        # the noisiest steps, where background and layout are decided (the plain
+        # min(SNR,γ)/(SNR+1) form starves them: its weight → 0 as SNR → 0).
         snr = alpha.view(-1) / (1 - alpha.view(-1))
-        weight = snr.clamp(max=self.cfg.min_snr_gamma) / (snr + 1)  # min-SNR-γ weighting for v
+        weight = (snr.clamp(max=self.cfg.min_snr_gamma) + 1) / (snr + 1)
         loss = (weight * mse).mean()
         self.log("loss", loss, prog_bar=True)
         return loss
