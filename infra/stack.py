@@ -64,13 +64,17 @@ def _http_get(url: str, timeout: float = 2.0, headers: dict[str, str] | None = N
 
 
 def port_in_use(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
+    """True if some program listens on the port.
+
+    A connect test, not a bind test: connections left over from a server we just
+    stopped (a client's keep-alive sockets) block a bind for a while, but do not stop
+    the servers here (which bind with SO_REUSEADDR) from listening again.
+    """
+    try:
+        with socket.create_connection((host, port), timeout=1):
             return True
-    return False
+    except OSError:
+        return False
 
 
 class Stack:
@@ -135,6 +139,8 @@ class Stack:
                      "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true",
                      "LATEST_VERSION_CHECK": "false",
                      "COLLECT_ANALYTICS": "false",
+                     # Error reports would go to sentry.io: nothing leaves the machine.
+                     "SENTRY_DSN": "", "FRONTEND_SENTRY_DSN": "",
                      # Lets S3 import storage point at our loopback S3 (SSRF guard).
                      "S3_ENDPOINT": p.s3_endpoint or ""} if creds else {},
                 embedded=svc.label_studio.embedded,
