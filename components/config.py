@@ -99,7 +99,7 @@ class Models(_Strict):
 
 
 class WorldModelParams(_Strict):
-    channels: list[int] = Field([32, 64, 64], min_length=2, max_length=4)
+    channels: list[int] = Field([16, 32, 64], min_length=2, max_length=4)
     layers_per_block: int = Field(1, ge=1, le=3)
     text_dim: int = Field(64, ge=8)
     text_layers: int = Field(2, ge=1, le=6)
@@ -147,7 +147,7 @@ class CaptionNoise(_Strict):
 
 
 class PretrainParams(_Strict):
-    steps: int = Field(900, ge=1)
+    steps: int = Field(1600, ge=1)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(1e-3, gt=0, le=1)
     warmup_steps: int = Field(50, ge=0)
@@ -155,7 +155,7 @@ class PretrainParams(_Strict):
     cfg_dropout: float = Field(0.1, ge=0, lt=1)
     min_snr_gamma: float = Field(5.0, gt=0)
     caption_noise: CaptionNoise = CaptionNoise()
-    probe_every: int = Field(150, ge=1)  # steps between alignment probes (the training curve)
+    probe_every: int = Field(200, ge=1)  # steps between alignment probes (the training curve)
     probe_images_per_composition: int = Field(1, ge=1)
     checkpoint_every: int = Field(50, ge=1)
     threads: int = Field(2, ge=1)

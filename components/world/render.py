@@ -7,7 +7,7 @@ import numpy as np
 from components.world.grammar import BACKGROUND_RGB, PALETTE, Composition
 
 IMAGE_SIZE = 32
-MIN_SIZE, MAX_SIZE = 6, 11  # side / diameter in pixels
+MIN_SIZE, MAX_SIZE = 8, 12  # side / diameter in pixels
 GAP = 2  # pixels kept free between shapes, so they stay separate components
 
 
