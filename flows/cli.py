@@ -95,6 +95,41 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def _progress(label: str):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+
+
+def cmd_annotate(args) -> int:
+    from components.annotation import rounds
+    from components.annotation.simulate import AnnotatorConfig
+
+    project = _project(args)
+    if args.action == "push":
+        with _progress("push tasks") as progress:
+            task = progress.add_task("push", total=args.limit)
+            result = rounds.push_round(project, args.kind, args.k, args.limit, args.seed,
+                                       on_progress=lambda n: progress.advance(task, n))
+    elif args.action == "simulate":
+        config = AnnotatorConfig(annotators=args.annotators, coverage=args.coverage, flip_rate=args.flip_rate,
+                                 bias=args.bias, seed=args.seed)
+        with _progress("simulate tasks") as progress:
+            task = progress.add_task("simulate", total=None)
+            result = rounds.simulate_round(project, args.kind, args.k, config,
+                                           on_progress=lambda n: progress.advance(task, n))
+    elif args.action == "sync":
+        result = rounds.sync_round(project, args.kind, args.k)
+        result["per_annotator"] = rounds.per_annotator(project)
+        rejected = rounds.rejected_reasons(project)
+        for row in rejected.tail(args.show_rejected).itertuples():
+            print(f"rejected annotation {row.annotation_id} (task {row.task_id}): {row.reason}")
+    else:
+        result = rounds.snapshot_labels(project)
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from infra.stack import Stack
 
@@ -139,6 +174,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, type=Path, help="output folder (new or empty)")
     p.set_defaults(func=cmd_sample)
+    p = sub.add_parser("annotate", help="annotation rounds in Label Studio: push, simulate, sync, snapshot")
+    p.add_argument("action", choices=["push", "simulate", "sync", "snapshot"])
+    p.add_argument("--kind", choices=["binary", "pairwise", "best_of_k"], default="pairwise")
+    p.add_argument("--k", type=int, default=2, help="images per task for best_of_k (2-4)")
+    p.add_argument("--limit", type=int, default=None, help="push: at most this many tasks (random, seeded)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--annotators", type=int, default=3, help="simulate: simulated annotators")
+    p.add_argument("--coverage", type=int, default=3, help="simulate: annotators per task")
+    p.add_argument("--flip-rate", type=float, default=0.1, help="simulate: probability of the wrong answer")
+    p.add_argument("--bias", type=float, default=0.0, help="simulate: probability of answering good/left blindly")
+    p.add_argument("--show-rejected", type=int, default=20, help="sync: rejected results to list")
+    p.set_defaults(func=cmd_annotate)
     sub.add_parser("demo", help="start the services and run the pipeline through Prefect").set_defaults(
         func=cmd_demo)
     return parser

@@ -38,6 +38,15 @@ class AnnotatorConfig:
     bias: float = 0.0
     seed: int = 0
 
+    def __post_init__(self):
+        from components.errors import UserError
+
+        if self.annotators < 1 or self.coverage < 1:
+            raise UserError(f"annotators and coverage must be at least 1, got {self.annotators} and {self.coverage}")
+        for name in ("flip_rate", "bias"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise UserError(f"{name.replace('_', '-')} must be between 0 and 1, got {getattr(self, name)}")
+
 
 def ensure_annotators(client, n: int) -> list[int]:
     """Label Studio user ids of annotator-1…n (created on first use)."""
