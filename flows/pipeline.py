@@ -10,6 +10,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from components.dvc_remote import dvc_env
+from components.errors import UserError
 from components.reports import headline_metrics
 from components.locking import file_lock
 from components.project import Project
@@ -34,9 +35,23 @@ def _dvc_repo(root: str):
 
 @task(name="dvc repro")
 def repro(root: str, targets: list[str] | None = None) -> list[str]:
+    from dvc.exceptions import DvcException
+
     with _dvc_repo(root) as repo:
-        stages = repo.reproduce(targets=targets or None)
+        try:
+            stages = repo.reproduce(targets=targets or None)
+        except DvcException as exc:
+            raise UserError(_one_line(exc)) from None
     return [stage.addressing for stage in stages]
+
+
+def _one_line(exc: BaseException) -> str:
+    """DVC's message and its innermost cause ("failed to reproduce 'curate': <why>")."""
+    cause = exc
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    detail = str(cause).strip().splitlines()[-1] if cause is not exc and str(cause).strip() else ""
+    return f"{exc}: {detail}" if detail else str(exc)
 
 
 @task(name="dvc push", retries=3, retry_delay_seconds=[2, 10, 30])
