@@ -60,6 +60,7 @@ def sibling_project(stack_project, root: Path, edit=None) -> Path:
     """A second project using the session's services (same ports and credentials)."""
     root.mkdir(parents=True, exist_ok=True)
     params = yaml.safe_load((stack_project.root / "params.yaml").read_text())
+    params["services"]["label_studio"]["project_prefix"] = f"test-{root.parent.name}-{root.name}"
     if edit:
         edit(params)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

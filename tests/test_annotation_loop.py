@@ -36,41 +36,50 @@ def _world_pairs(store, n: int, seed: int) -> tuple[list[studio.TaskSpec], dict]
 
 
 @pytest.fixture(scope="module")
-def labelled_round(stack_project):
+def round_project(stack_project, tmp_path_factory):
+    """A project of its own (own Label Studio namespace and store) on the session's services."""
+    from components.project import Project
+    from tests.conftest import sibling_project
+
+    return Project.load(sibling_project(stack_project, tmp_path_factory.mktemp("loop") / "round"))
+
+
+@pytest.fixture(scope="module")
+def labelled_round(round_project):
     """200 pairwise tasks, 3 simulated annotators each, synced once."""
-    client = studio.client_for(stack_project)
-    project_id = studio.ensure_project(client, stack_project, "pairwise")
-    specs, truth = _world_pairs(stack_project.object_store(), 200, seed=1)
-    pushed = studio.push_tasks(client, stack_project, project_id, specs)
+    client = studio.client_for(round_project)
+    project_id = studio.ensure_project(client, round_project, "pairwise")
+    specs, truth = _world_pairs(round_project.object_store(), 200, seed=1)
+    pushed = studio.push_tasks(client, round_project, project_id, specs)
     config = sim.AnnotatorConfig(annotators=3, coverage=3, flip_rate=0.2, seed=3)
-    simulated = sim.simulate(stack_project, project_id, "pairwise", config, client=client)
-    first = sync(stack_project, project_id, "pairwise", client=client)
+    simulated = sim.simulate(round_project, project_id, "pairwise", config, client=client)
+    first = sync(round_project, project_id, "pairwise", client=client)
     return {"client": client, "project_id": project_id, "specs": specs, "truth": truth, "pushed": pushed,
             "simulated": simulated, "first_sync": first}
 
 
 @pytest.mark.slow
-def test_200_tasks_3_annotators_give_exactly_600_annotations_and_reruns_add_nothing(stack_project, labelled_round):
+def test_200_tasks_3_annotators_give_exactly_600_annotations_and_reruns_add_nothing(round_project, labelled_round):
     r = labelled_round
     assert r["pushed"].created == 200 and r["simulated"]["submitted"] == 600
     assert r["first_sync"]["new"] == 600 and r["first_sync"]["rejected"] == 0
-    store = store_for(stack_project, r["project_id"])
+    store = store_for(round_project, r["project_id"])
     rows = store.annotations()
     assert len(rows) == 600 and rows["annotation_id"].is_unique
     assert (rows.groupby("task_id").size() == 3).all() and rows["annotator"].nunique() == 3
     assert (rows["status"] == "submitted").all() and rows["critique"].str.contains("left:").all()
 
-    again = studio.push_tasks(r["client"], stack_project, r["project_id"], r["specs"])
+    again = studio.push_tasks(r["client"], round_project, r["project_id"], r["specs"])
     assert again.created == 0
-    assert sim.simulate(stack_project, r["project_id"], "pairwise", sim.AnnotatorConfig(seed=3),
+    assert sim.simulate(round_project, r["project_id"], "pairwise", sim.AnnotatorConfig(seed=3),
                         client=r["client"])["submitted"] == 0
-    second = sync(stack_project, r["project_id"], "pairwise", client=r["client"])
+    second = sync(round_project, r["project_id"], "pairwise", client=r["client"])
     assert second["new"] == 0 and len(store.annotations()) == 600
 
 
 @pytest.mark.slow
-def test_simulated_labels_agree_with_the_judge_at_the_configured_noise(stack_project, labelled_round):
-    rows = store_for(stack_project, labelled_round["project_id"]).annotations()
+def test_simulated_labels_agree_with_the_judge_at_the_configured_noise(round_project, labelled_round):
+    rows = store_for(round_project, labelled_round["project_id"]).annotations()
     truth = labelled_round["truth"]
     decisive = rows[rows["external_id"].map(truth) != "tie"]
     agreement = (decisive["choice"] == decisive["external_id"].map(truth)).mean()
@@ -80,10 +89,10 @@ def test_simulated_labels_agree_with_the_judge_at_the_configured_noise(stack_pro
 
 
 @pytest.mark.slow
-def test_edits_replace_deletions_are_marked_and_malformed_results_are_rejected(stack_project, labelled_round):
+def test_edits_replace_deletions_are_marked_and_malformed_results_are_rejected(round_project, labelled_round):
     r = labelled_round
     client, project_id = r["client"], r["project_id"]
-    store = store_for(stack_project, project_id)
+    store = store_for(round_project, project_id)
     rows = store.annotations()
     edited, removed = rows.iloc[0], rows.iloc[1]
     new_choice = "right" if edited["choice"] != "right" else "left"
@@ -93,7 +102,7 @@ def test_edits_replace_deletions_are_marked_and_malformed_results_are_rejected(s
     bad = client.annotations.create(id=bad_task, result=[
         {"from_name": "choice", "to_name": "image_0", "type": "choices", "value": {"choices": ["both"]}}])
 
-    result = sync(stack_project, project_id, "pairwise", client=client)
+    result = sync(round_project, project_id, "pairwise", client=client)
     assert result["rejected"] == 1 and result["deleted"] == 1
     after = store.annotations().set_index("annotation_id")
     assert after.loc[edited["annotation_id"], "choice"] == new_choice
@@ -105,13 +114,14 @@ def test_edits_replace_deletions_are_marked_and_malformed_results_are_rejected(s
 
 
 @pytest.mark.slow
-def test_label_studio_dying_mid_sync_changes_nothing_and_a_rerun_completes(stack_project, labelled_round):
+def test_label_studio_dying_mid_sync_changes_nothing_and_a_rerun_completes(stack_project, round_project,
+                                                                          labelled_round):
     """The outage is real (the server process is stopped); the wrapper only chooses the moment."""
     from infra.stack import Stack
 
     r = labelled_round
     client, project_id = r["client"], r["project_id"]
-    store = store_for(stack_project, project_id)
+    store = store_for(round_project, project_id)
     rows = store.annotations()
     for annotation_id in rows["annotation_id"].iloc[10:14]:
         client.annotations.update(id=int(annotation_id), result=make_result("pairwise", "tie", "on reflection"))
@@ -134,11 +144,11 @@ def test_label_studio_dying_mid_sync_changes_nothing_and_a_rerun_completes(stack
             return self._inner.annotations
 
     with pytest.raises(ServiceError, match="became unreachable during sync"):
-        sync(stack_project, project_id, "pairwise", client=StopsServerMidway(client))
+        sync(round_project, project_id, "pairwise", client=StopsServerMidway(client))
     assert (store.annotations_path.read_bytes(), store.watermark()) == before
 
     stack.up()
-    result = sync(stack_project, project_id, "pairwise", client=studio.client_for(stack_project))
+    result = sync(round_project, project_id, "pairwise", client=studio.client_for(round_project))
     assert result["upserted"] >= 4
     after = store.annotations().set_index("annotation_id")
     assert (after.loc[rows["annotation_id"].iloc[10:14], "choice"] == "tie").all()

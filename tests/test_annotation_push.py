@@ -22,17 +22,21 @@ def _specs(store, n: int, seed: int = 0) -> list[studio.TaskSpec]:
     return specs
 
 
-def test_push_is_idempotent_and_images_resolve_through_label_studio(stack_project):
-    client = studio.client_for(stack_project)
-    project_id = studio.ensure_project(client, stack_project, "pairwise")
-    assert studio.ensure_project(client, stack_project, "pairwise") == project_id  # found, not duplicated
+def test_push_is_idempotent_and_images_resolve_through_label_studio(stack_project, tmp_path):
+    from components.project import Project
+    from tests.conftest import sibling_project
+
+    project = Project.load(sibling_project(stack_project, tmp_path / "push"))  # own Label Studio namespace
+    client = studio.client_for(project)
+    project_id = studio.ensure_project(client, project, "pairwise")
+    assert studio.ensure_project(client, project, "pairwise") == project_id  # found, not duplicated
     assert len(client.import_storage.s3.list(project=project_id)) == 1
 
-    store = stack_project.object_store()
+    store = project.object_store()
     specs = _specs(store, 5)
-    first = studio.push_tasks(client, stack_project, project_id, specs + specs[:1])
+    first = studio.push_tasks(client, project, project_id, specs + specs[:1])
     assert first.created == 5 and first.skipped == 1
-    second = studio.push_tasks(client, stack_project, project_id, specs + _specs(store, 2, seed=1))
+    second = studio.push_tasks(client, project, project_id, specs + _specs(store, 2, seed=1))
     assert second.created == 2 and second.skipped == 5
     assert len(studio.existing_external_ids(client, project_id)) == 7
 
@@ -45,8 +49,8 @@ def test_push_is_idempotent_and_images_resolve_through_label_studio(stack_projec
     url = resolved.data["image_0"]
     assert not url.startswith("s3://")
     if url.startswith("/"):
-        url = stack_project.label_studio_url + url
-    hop = requests.get(url, headers={"Authorization": f"Token {stack_project.credentials.ls_api_key}"},
+        url = project.label_studio_url + url
+    hop = requests.get(url, headers={"Authorization": f"Token {project.credentials.ls_api_key}"},
                        allow_redirects=False, timeout=30)
     assert hop.status_code in (302, 303, 307) and "X-Amz-Signature=" in hop.headers["Location"]
     image = requests.get(hop.headers["Location"], timeout=30)

@@ -32,6 +32,9 @@ def state(tmp_path):
         _row(22, 31, "bad", "a", ["b2"], "one blue circle"), _row(23, 31, "bad", "b", ["b2"], "one blue circle"),
         _row(24, 32, "bad", "a", ["b3"], "one blue circle"),
     ]
+    best_of_3 = [_row(40, 50, "image 2", "a", ["k1", "k2", "k3"], "four yellow squares"),
+                 _row(41, 50, "image 2", "b", ["k1", "k2", "k3"], "four yellow squares")]
+    AnnotationStore(tmp_path / "annotations" / "3").commit(best_of_3, [], [], None)
     AnnotationStore(tmp_path / "annotations" / "1").commit(pairwise, [], [], None)
     AnnotationStore(tmp_path / "annotations" / "2").commit(binary, [], [], None)
     return tmp_path
@@ -39,14 +42,14 @@ def state(tmp_path):
 
 def test_snapshot_aggregates_tasks_and_derives_preferences(state, tmp_path):
     report = snapshot.snapshot(state, tmp_path / "labels", tmp_path / "labels.json")
-    assert report["annotations"] == 12 and report["skipped"] == 1  # 7 pairwise + 5 binary; deleted, skipped out
+    assert report["annotations"] == 14 and report["skipped"] == 1  # 7 pairwise + 5 binary + 2 best-of-3
     tasks = pd.read_parquet(tmp_path / "labels" / "tasks.parquet").set_index("task_id")
     assert tasks.loc[10, "majority"] == "left" and tasks.loc[10, "majority_share"] == pytest.approx(2 / 3, abs=1e-3)
     assert tasks.loc[11, "majority"] == "tie"
     assert tasks.loc[12, "majority"] == "right" and tasks.loc[12, "annotators"] == 1
     prefs = pd.read_parquet(tmp_path / "labels" / "preferences.parquet")
     pairs = set(zip(prefs["winner"], prefs["loser"]))
-    assert pairs == {("g1", "g2"), ("g6", "g5"), ("b1", "b2"), ("b1", "b3")}
+    assert pairs == {("g1", "g2"), ("g6", "g5"), ("b1", "b2"), ("b1", "b3"), ("k2", "k1"), ("k2", "k3")}
     assert prefs.set_index("winner").loc["g1", "weight"] == pytest.approx(2 / 3, abs=1e-3)
     assert json.loads((tmp_path / "labels.json").read_text())["ties"] == 1
 

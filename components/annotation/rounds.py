@@ -60,8 +60,8 @@ def push_round(project: Project, kind: RoundKind, k: int, limit: int | None, see
             "selection": "random"}
 
 
-def project_id_for(client, kind: RoundKind, k: int) -> int:
-    title = studio.project_title(kind, k)
+def project_id_for(client, project: Project, kind: RoundKind, k: int) -> int:
+    title = studio.project_title(project, kind, k)
     for p in client.projects.list():
         if p.title == title:
             return p.id
@@ -70,13 +70,13 @@ def project_id_for(client, kind: RoundKind, k: int) -> int:
 
 def simulate_round(project: Project, kind: RoundKind, k: int, config: sim.AnnotatorConfig, on_progress=None) -> dict:
     client = studio.client_for(project)
-    return sim.simulate(project, project_id_for(client, kind, k), kind, config, k, client=client,
+    return sim.simulate(project, project_id_for(client, project, kind, k), kind, config, k, client=client,
                         on_progress=on_progress)
 
 
 def sync_round(project: Project, kind: RoundKind, k: int) -> dict:
     client = studio.client_for(project)
-    return sync(project, project_id_for(client, kind, k), kind, k, client=client)
+    return sync(project, project_id_for(client, project, kind, k), kind, k, client=client)
 
 
 def snapshot_labels(project: Project) -> dict:

@@ -7,8 +7,9 @@ From every store under ``<state>/annotations/``: submitted annotations only
   split evenly between the top choices), the annotator count and the share of
   votes for the majority;
 - ``preferences``: (prompt, winner, loser, weight) — from pairwise majorities
-  (weight = majority share; ties give no pair) and, within a prompt, from binary
-  majorities (every good image ≻ every bad one, weight = the lower of the two shares);
+  (weight = majority share; ties give no pair), best-of-k majorities (the best image
+  ≻ each of the other k−1) and, within a prompt, binary majorities (every good image
+  ≻ every bad one, weight = the lower of the two shares);
 - agreement: Krippendorff's α (nominal) per kind, which handles tasks labelled by
   different numbers of annotators.
 
@@ -96,6 +97,10 @@ def preferences(tasks: pd.DataFrame) -> pd.DataFrame:
             w = PAIRWISE_WINNER[t.majority]
             rows.append({"prompt": t.prompt, "winner": t.generation_ids[w], "loser": t.generation_ids[1 - w],
                          "weight": t.majority_share, "source_task": t.task_id})
+    for t in tasks[(tasks["kind"] == "best_of_k") & (tasks["majority"] != "tie")].itertuples():
+        w = int(t.majority.removeprefix("image ")) - 1  # the best image beats each of the other k−1
+        rows += [{"prompt": t.prompt, "winner": t.generation_ids[w], "loser": g, "weight": t.majority_share,
+                  "source_task": t.task_id} for i, g in enumerate(t.generation_ids) if i != w]
     binary = tasks[(tasks["kind"] == "binary") & (tasks["majority"] != "tie")]
     for prompt, group in binary.groupby("prompt", sort=True):
         good = group[group["majority"] == "good"]

@@ -20,17 +20,15 @@ from components.annotation.labeling import IMAGE_KEYS, RoundKind, label_config
 from components.errors import ServiceError
 from components.project import Project
 
-TITLE_PREFIX = "aligndiff"
-
-
 def client_for(project: Project):
     from label_studio_sdk import LabelStudio
 
     return LabelStudio(base_url=project.label_studio_url, api_key=project.credentials.ls_api_key, timeout=60)
 
 
-def project_title(kind: RoundKind, k: int) -> str:
-    return f"{TITLE_PREFIX}: {kind}" + (f" (k={k})" if kind == "best_of_k" else "")
+def project_title(project: Project, kind: RoundKind, k: int) -> str:
+    prefix = project.params.services.label_studio.project_prefix
+    return f"{prefix}: {kind}" + (f" (k={k})" if kind == "best_of_k" else "")
 
 
 def external_id(generation_ids: Sequence[str]) -> str:
@@ -39,7 +37,7 @@ def external_id(generation_ids: Sequence[str]) -> str:
 
 def ensure_project(client, project: Project, kind: RoundKind, k: int = 2) -> int:
     """The Label Studio project for a round kind, with its labeling config and S3 storage."""
-    title = project_title(kind, k)
+    title = project_title(project, kind, k)
     config = label_config(kind, k)
     existing = [p for p in client.projects.list() if p.title == title]
     if existing:
