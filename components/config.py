@@ -50,8 +50,8 @@ class LabelStudioService(_Strict):
     port: int = Port
     url: str | None = None  # with embedded: false
     # Label Studio projects are titled "<project_prefix>: <round kind>", so several
-    # aligndiff projects can share one Label Studio server.
-    project_prefix: str = Field("aligndiff", min_length=1, max_length=60)
+    # aligndiff projects can share one Label Studio server (titles: 50 characters at most).
+    project_prefix: str = Field("aligndiff", min_length=1, max_length=32)
     # Label Studio pins packages that break Prefect, so it lives in its own venv.
     venv: str = ".aligndiff/venvs/label-studio"
 

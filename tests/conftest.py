@@ -7,6 +7,7 @@ virtualenv is shared with the repo's (installed once, on first use).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import socket
@@ -60,7 +61,8 @@ def sibling_project(stack_project, root: Path, edit=None) -> Path:
     """A second project using the session's services (same ports and credentials)."""
     root.mkdir(parents=True, exist_ok=True)
     params = yaml.safe_load((stack_project.root / "params.yaml").read_text())
-    params["services"]["label_studio"]["project_prefix"] = f"test-{root.parent.name}-{root.name}"
+    # Its own Label Studio namespace, so tests sharing the server never see each other's tasks.
+    params["services"]["label_studio"]["project_prefix"] = "test-" + hashlib.sha256(str(root).encode()).hexdigest()[:10]
     if edit:
         edit(params)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
