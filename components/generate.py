@@ -74,6 +74,11 @@ def png_bytes(image: np.ndarray) -> bytes:
 
 
 def trajectory_bytes(traj: Trajectories, i: int, metadata: dict[str, str]) -> bytes:
+    """safetensors bytes of one trajectory, reproducible to the byte.
+
+    safetensors writes ``__metadata__`` from an unordered map, so several entries come
+    out in a different order on every call; one JSON entry has only one order.
+    """
     from safetensors.torch import save
 
     tensors = {
@@ -83,13 +88,20 @@ def trajectory_bytes(traj: Trajectories, i: int, metadata: dict[str, str]) -> by
         "prompt_embeds": traj.prompt_embeds[i].contiguous(),
         "negative_embeds": traj.negative_embeds[i].contiguous(),
     }
-    return save(tensors, metadata=metadata)
+    return save(tensors, metadata={"aligndiff": json.dumps(metadata, sort_keys=True)})
 
 
 def load_trajectory(data: bytes) -> dict:
     from safetensors.torch import load
 
     return load(data)
+
+
+def trajectory_metadata(data: bytes) -> dict:
+    """The generation id, prompt, model version and sampler stored with a trajectory."""
+    header_size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + header_size])
+    return json.loads(header["__metadata__"]["aligndiff"])
 
 
 def _progress(total: int, done: int):

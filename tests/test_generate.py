@@ -50,8 +50,11 @@ def test_generate_writes_manifest_and_content_addressed_objects(stack_project, t
     row = manifest.iloc[0]
     image = np.array(Image.open(io.BytesIO(store.get_bytes(row["image_key"]))))
     assert image.shape == (32, 32, 3) and image.dtype == np.uint8
-    traj = generate.load_trajectory(store.get_bytes(row["trajectory_key"]))
+    traj_bytes = store.get_bytes(row["trajectory_key"])
+    traj = generate.load_trajectory(traj_bytes)
     assert traj["latents"].shape == (4, 3, 32, 32) and traj["log_probs"].shape == (3,)
+    meta = generate.trajectory_metadata(traj_bytes)
+    assert meta["generation_id"] == row["generation_id"] and meta["prompt"] == row["prompt"]
     assert traj["timesteps"].tolist() == timestep_pairs(build_scheduler(), 3)[0].tolist()
     assert traj["timesteps"][0] == 999  # "trailing" spacing starts from pure noise
     decoded = ((traj["latents"][-1].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
