@@ -189,6 +189,85 @@ class GenerateParams(_Strict):
         return self
 
 
+class RewardParams(_Strict):
+    # lee: binary good/bad labels, MSE + λ·prompt classification over perturbed prompts
+    # (Lee et al. 2023); bradley_terry: preference pairs
+    kind: Literal["lee", "bradley_terry"] = "lee"
+    ensemble: int = Field(3, ge=1, le=16)  # K heads; their disagreement drives active selection
+    steps: int = Field(600, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0, le=1)
+    prompt_classification_weight: float = Field(0.5, ge=0)  # λ
+    temperature: float = Field(0.1, gt=0)  # T: the reward in [0, 1] as a logit over candidates
+    perturbed_prompts: int = Field(4, ge=1)  # N − 1
+    validation_fraction: float = Field(0.2, gt=0, lt=1)  # labelled prompts held out for metrics
+    # sd15/sdxl: a frozen CLIP (local directory) under the heads; world: trained CNN + world text encoder
+    clip_path: str | None = None
+    threads: int = Field(2, ge=1)
+
+
+class LoraParams(_Strict):
+    rank: int = Field(8, ge=0)  # 0 = full fine-tune of the UNet
+    alpha: float = Field(8.0, gt=0)
+    target_modules: list[str] = Field(["to_q", "to_k", "to_v", "to_out.0"], min_length=1)
+
+
+class D3poParams(_Strict):
+    beta: float = Field(0.1, gt=0)
+    clip: float = Field(0.1, gt=0, lt=1)  # ratio clamp ε (reference code)
+    lr: float = Field(1e-5, gt=0, le=1)
+    epochs: int = Field(4, ge=1)  # passes over the labelled pairs
+    pairs_per_batch: int = Field(8, ge=1)
+    timestep_fraction: float = Field(1.0, gt=0, le=1)  # denoising steps trained per pair
+
+
+class PrdpParams(_Strict):
+    beta: float = Field(0.05, gt=0)  # tied to the reward's scale ([0, 1] here)
+    clip: float = Field(1e-3, gt=0)  # ε around θ_old, per step
+    lr: float = Field(3e-5, gt=0, le=1)
+    epochs: int = Field(12, ge=1)
+    prompts_per_epoch: int = Field(16, ge=2)
+    images_per_prompt: int = Field(8, ge=2)
+    updates_per_epoch: int = Field(4, ge=1)
+    timestep_fraction: float = Field(0.5, gt=0, le=1)
+
+
+class RewardWeightedParams(_Strict):
+    lr: float = Field(3e-5, gt=0, le=1)
+    steps: int = Field(300, ge=1)
+    batch_size: int = Field(32, ge=1)
+    pretrain_weight: float = Field(1.0, ge=0)  # β of the pre-training term
+    # unlabelled generations count as good when the reward model says so (semi-supervised)
+    reward_threshold: float = Field(0.5, ge=0, le=1)
+
+
+class DiffusionDpoParams(_Strict):
+    # −log σ(β·[(mse_ref^w − mse_ref^l) − (mse_θ^w − mse_θ^l)]): β = 2500 here is β = 5000
+    # in the paper's 0.5·β form
+    beta: float = Field(2500.0, gt=0)
+    lr: float = Field(1e-5, gt=0, le=1)
+    steps: int = Field(300, ge=1)
+    pairs_per_batch: int = Field(16, ge=1)
+
+
+class FinetuneParams(_Strict):
+    method: Literal["d3po", "prdp", "reward_weighted", "diffusion_dpo"] = "d3po"
+    init: str = "production"  # the model fine-tuned (and the frozen reference): production | base | PATH
+    lora: LoraParams = LoraParams()
+    precision: str = "32-true"  # Lightning precision, e.g. bf16-mixed on GPUs
+    accelerator: str = "auto"
+    devices: int | str = 1
+    strategy: str = "auto"  # ddp / fsdp on multi-GPU machines
+    accumulate_grad_batches: int = Field(1, ge=1)
+    gradient_clip: float = Field(1.0, gt=0)
+    checkpoint_every: int = Field(10, ge=1)
+    threads: int = Field(2, ge=1)
+    d3po: D3poParams = D3poParams()
+    prdp: PrdpParams = PrdpParams()
+    reward_weighted: RewardWeightedParams = RewardWeightedParams()
+    diffusion_dpo: DiffusionDpoParams = DiffusionDpoParams()
+
+
 class Params(_Strict):
     profile: Literal["world", "sd15", "sdxl"] = "world"
     seed: int = Field(0, ge=0)
@@ -200,6 +279,8 @@ class Params(_Strict):
     sample: SampleParams = SampleParams()
     evaluate_base: EvaluateBaseParams = EvaluateBaseParams()
     generate: GenerateParams = GenerateParams()
+    reward: RewardParams = RewardParams()
+    finetune: FinetuneParams = FinetuneParams()
 
     @model_validator(mode="after")
     def _profile_has_weights(self) -> Params:

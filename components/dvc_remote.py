@@ -48,3 +48,14 @@ def configure_remote(project: Project) -> None:
             local["endpointurl"] = project.s3_endpoint
         conf["remote"][REMOTE_NAME] = local
     os.chmod(project.root / ".dvc" / "config.local", 0o600)
+
+
+def track(project: Project, relative: str | Path) -> None:
+    """Version a directory written outside the stage graph (the label snapshot) with `dvc add`."""
+    if not (project.root / ".dvc").is_dir():
+        return
+    from dvc.repo import Repo
+
+    os.environ.update(dvc_env(project))
+    with Repo(str(project.root)) as repo:
+        repo.add(str(project.path(relative)))

@@ -5,7 +5,9 @@
   40-hex revision, always loaded with ``local_files_only`` (no network at run time).
 
 ``production`` resolves through the registry's production pointer once a model has
-been promoted, and to ``base`` until then.
+been promoted, and to ``base`` until then. A fine-tuned candidate is either a full
+pipeline or a LoRA adapter with ``candidate.json`` naming the model it applies to
+(relative to the candidate's directory); loading one loads its base and fuses the adapter.
 """
 
 from __future__ import annotations
@@ -39,10 +41,14 @@ def resolve(project: Project, name: str = "base") -> Path | str:
             return project.path(source.path)
         return f"{source.repo_id}@{source.revision}"
     path = project.path(name)
-    if not (path / "model_index.json").exists():
+    if not is_model_dir(path):
         raise UserError(f"{name}: not a model: expected base, production or a diffusers directory "
                         "with model_index.json")
     return path
+
+
+def is_model_dir(path: Path) -> bool:
+    return (path / "model_index.json").exists() or (path / "candidate.json").exists()
 
 
 def load_pipeline(where: Path | str, dtype=None):
@@ -58,6 +64,15 @@ def load_pipeline(where: Path | str, dtype=None):
         except OSError as exc:
             raise UserError(f"{repo_id}@{revision} is not in the local Hugging Face cache ({exc}); "
                             "download it once on a connected machine or set models.<profile>.path") from None
+    candidate = where / "candidate.json"
+    if not (where / "model_index.json").exists() and candidate.exists():
+        base = json.loads(candidate.read_text())["base"]
+        base_path = base if "@" in base else (where / base).resolve()
+        pipe = load_pipeline(base_path, dtype)
+        pipe.load_lora_weights(where)
+        pipe.fuse_lora()
+        pipe.unload_lora_weights()
+        return pipe
     index = json.loads((where / "model_index.json").read_text())
     if index.get("_class_name") == "WorldPipeline":
         from components.world.model import WorldPipeline

@@ -80,7 +80,12 @@ def sync_round(project: Project, kind: RoundKind, k: int) -> dict:
 
 
 def snapshot_labels(project: Project) -> dict:
-    return snap.snapshot(project.state_dir, project.path(snap.LABELS_DIR), project.path(snap.REPORT_OUT))
+    """Freeze the stores into data/labels, versioned by DVC (the retrain pipeline's input)."""
+    from components.dvc_remote import track
+
+    report = snap.snapshot(project.state_dir, project.path(snap.LABELS_DIR), project.path(snap.REPORT_OUT))
+    track(project, snap.LABELS_DIR)
+    return report
 
 
 def per_annotator(project: Project) -> dict[str, int]:

@@ -1,0 +1,53 @@
+"""A label snapshot made directly by the simulated annotators' policy, without Label Studio.
+
+For benchmarks and training tests that need labels at a scale where the round trip
+through Label Studio (tested on its own in the annotation loop) would only cost time.
+The annotators decide exactly as in :mod:`components.annotation.simulate`; the tables
+have the snapshot's schema (``tasks.parquet``, ``preferences.parquet``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from components.annotation.simulate import AnnotatorConfig, _rng, decide
+from components.annotation.snapshot import PREFERENCE_COLUMNS, preferences
+
+
+def label(gens: pd.DataFrame, images: dict[str, np.ndarray], config: AnnotatorConfig, binary: bool = True,
+          pairwise: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(tasks, preferences): one binary task per generation and one pairwise task per
+    shared-noise pair, each with ``config.coverage`` votes."""
+    units = []
+    if binary:
+        units += [("binary", [g]) for g in gens.index]
+    if pairwise:
+        for _, group in gens.groupby(["prompt_id", "noise_group"], sort=True):
+            ids = sorted(group.index)
+            units += [("pairwise", ids[i:i + 2]) for i in range(0, len(ids) - 1, 2)]
+    rows = []
+    for task_id, (kind, ids) in enumerate(units):
+        prompt = gens.at[ids[0], "prompt"]
+        votes: dict[str, int] = {}
+        for annotator in range(config.coverage):
+            choice, _ = decide(kind, [images[g] for g in ids], prompt, _rng(config.seed, task_id, annotator), config)
+            votes[choice] = votes.get(choice, 0) + 1
+        top = max(votes.values())
+        leaders = sorted(c for c, n in votes.items() if n == top)
+        rows.append({"task_id": task_id, "kind": kind, "prompt": prompt, "generation_ids": ids,
+                     "votes": json.dumps(dict(sorted(votes.items()))),
+                     "majority": leaders[0] if len(leaders) == 1 else "tie",
+                     "majority_share": round(top / config.coverage, 4), "annotators": config.coverage})
+    tasks = pd.DataFrame(rows)
+    prefs = preferences(tasks) if len(tasks) else pd.DataFrame(columns=PREFERENCE_COLUMNS)
+    return tasks, prefs
+
+
+def write(tasks: pd.DataFrame, prefs: pd.DataFrame, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tasks.to_parquet(out_dir / "tasks.parquet", index=False)
+    prefs.to_parquet(out_dir / "preferences.parquet", index=False)

@@ -1,0 +1,232 @@
+"""The fine-tuning objectives, one LightningModule each (ALGORITHMS.md §1–§4).
+
+Trajectory methods (D3PO, PRDP) score recorded DDIM (eta = 1) steps with
+``sampling.step_log_prob`` — classifier-free guidance applied, log-density averaged
+over dimensions, the sampler's conventions. ELBO methods (reward-weighted,
+Diffusion-DPO) use ``core.denoising_mse`` at a random timestep.
+
+Every module logs its diagnostics (loss; implicit accuracy for the DPO family; clip
+fraction and approximate KL for PRDP; reward mean/std) for the curve in
+``reports/finetune_curve.csv``; ``grad_norm`` comes from :class:`PolicyModule`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from components.config import FinetuneParams
+from components.finetune.core import PolicyModule, denoising_mse
+from components.sampling import SamplerConfig, derive_seed, sample, step_log_prob, timestep_pairs
+
+
+@dataclass
+class TrajectoryPairs:
+    """Labelled pairs that share x_T: winner/loser trajectories (P, T+1, C, H, W)."""
+    winner: torch.Tensor
+    loser: torch.Tensor
+    cond: torch.Tensor  # (P, L, D) prompt embeddings recorded at sampling time
+    uncond: torch.Tensor
+    timesteps: torch.Tensor  # (T,)
+
+
+def step_subset(steps: int, fraction: float, generator: torch.Generator) -> list[int]:
+    """Which denoising steps a batch trains on (all when fraction = 1)."""
+    n = max(1, math.ceil(fraction * steps))
+    return sorted(torch.randperm(steps, generator=generator)[:n].tolist())
+
+
+class D3PO(PolicyModule):
+    """Per-step DPO on the recorded trajectories of labelled pairs (D3PO, §2).
+
+    For every trained step i: ``−log σ(β·log r_w − β·log r_l)`` with the ratio
+    ``r = π_θ/π_ref`` of that step clamped to [1−ε, 1+ε] (the reference code's trust
+    region: outside the band the gradient is zero). At θ = ref the loss is log 2.
+    Ties carry no preference and never become pairs.
+    """
+
+    def __init__(self, pipe, cfg: FinetuneParams, seed: int, pairs: TrajectoryPairs, sampler: SamplerConfig):
+        super().__init__(pipe, cfg, cfg.d3po.lr, seed)
+        self.pairs, self.sampler = pairs, sampler
+        _, self.prevs = timestep_pairs(pipe.scheduler, len(pairs.timesteps))
+
+    def log_ratio(self, index: list[int], step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clamped per-step log-ratio log(π_θ/π_ref) of (winners, losers)."""
+        p = self.pairs
+        x_t = torch.cat([p.winner[index, step], p.loser[index, step]])
+        x_prev = torch.cat([p.winner[index, step + 1], p.loser[index, step + 1]])
+        cond, uncond = p.cond[index].repeat(2, 1, 1), p.uncond[index].repeat(2, 1, 1)
+        t, prev_t = int(p.timesteps[step]), int(self.prevs[step])
+        args = (self.pipe.scheduler, x_t, t, prev_t, x_prev, cond, uncond, self.sampler)
+        policy = step_log_prob(self.unet, *args)
+        with self.reference_unet() as ref:
+            reference = step_log_prob(ref, *args)
+        eps = self.cfg.d3po.clip
+        ratio = torch.exp(policy - reference).clamp(1 - eps, 1 + eps)
+        return torch.log(ratio).chunk(2)
+
+    def training_step(self, batch, batch_idx):
+        index = self.batch_index(batch_idx).tolist()
+        steps = step_subset(len(self.pairs.timesteps), self.cfg.d3po.timestep_fraction, self.generator("steps"))
+        losses, correct = [], []
+        for step in steps:
+            w, l = self.log_ratio(index, step)
+            logits = self.cfg.d3po.beta * (w - l)
+            losses.append(-F.logsigmoid(logits).mean())
+            correct.append((logits > 0).float().mean())
+        loss = torch.stack(losses).mean()
+        self.log("loss", loss, prog_bar=True)
+        self.log("implicit_accuracy", torch.stack(correct).mean())
+        return loss
+
+
+class PRDP(PolicyModule):
+    """Proximal reward difference prediction (§4), online.
+
+    Each epoch (``updates_per_epoch`` optimiser steps): sample B images for each of N
+    prompts with the current policy (θ_old; its per-step log-probs are recorded), their
+    reference log-probs, and rewards. The loss regresses the difference of trajectory
+    log-ratios ``r̂ = mean_t log(π_θ/π_ref)`` between two images of a prompt onto their
+    reward difference / β, over each unordered pair with different rewards once; per
+    step the log-ratio is also clipped to ±ε around θ_old and the larger (pessimistic)
+    of the clipped and unclipped losses is used. At θ = θ_old = ref the loss is
+    ``mean((Δr/β)²)``.
+    """
+
+    def __init__(self, pipe, cfg: FinetuneParams, seed: int, prompts: list[str], reward_fn, sampler: SamplerConfig):
+        super().__init__(pipe, cfg, cfg.prdp.lr, seed)
+        self.prompts, self.reward_fn, self.sampler = prompts, reward_fn, sampler
+        self.epoch_samples: dict | None = None
+        self.sampled_epoch = -1
+        _, self.prevs = timestep_pairs(pipe.scheduler, sampler.steps)
+
+    def resample(self, epoch: int) -> None:
+        c = self.cfg.prdp
+        rng = np.random.default_rng([self.seed, epoch])
+        chosen = [self.prompts[i] for i in rng.choice(len(self.prompts), size=min(c.prompts_per_epoch,
+                                                                                  len(self.prompts)), replace=False)]
+        prompts = [p for p in chosen for _ in range(c.images_per_prompt)]
+        seeds = [derive_seed(self.seed, f"prdp:{epoch}:{i}") for i in range(len(prompts))]
+        self.unet.eval()
+        traj = sample(self.pipe, prompts, seeds, self.sampler)
+        reference = torch.zeros_like(traj.log_probs)
+        with self.reference_unet() as ref:
+            for step, (t, prev_t) in enumerate(zip(traj.timesteps.tolist(), self.prevs.tolist())):
+                reference[:, step] = step_log_prob(ref, self.pipe.scheduler, traj.latents[:, step], t, prev_t,
+                                                   traj.latents[:, step + 1], traj.prompt_embeds,
+                                                   traj.negative_embeds, self.sampler)
+        self.unet.train()
+        rewards = torch.as_tensor(self.reward_fn(traj.images, prompts), dtype=torch.float32)
+        group = torch.arange(len(chosen)).repeat_interleave(c.images_per_prompt)
+        a, b = torch.triu_indices(len(prompts), len(prompts), offset=1)
+        keep = (group[a] == group[b]) & (rewards[a] != rewards[b])
+        a, b = a[keep], b[keep]
+        swap = rewards[a] < rewards[b]  # order each pair so that Δr > 0
+        a, b = torch.where(swap, b, a), torch.where(swap, a, b)
+        self.epoch_samples = {"traj": traj, "ref": reference, "rewards": rewards, "a": a, "b": b}
+        self.sampled_epoch = epoch
+
+    def training_step(self, batch, batch_idx):
+        epoch = self.global_step // self.cfg.prdp.updates_per_epoch
+        if epoch != self.sampled_epoch:
+            self.resample(epoch)
+        s = self.epoch_samples
+        loss, stats = self.prdp_loss(s, step_subset(self.sampler.steps, self.cfg.prdp.timestep_fraction,
+                                                    self.generator("steps")))
+        self.log("loss", loss, prog_bar=True)
+        self.log("reward_mean", s["rewards"].mean(), prog_bar=True)
+        self.log("reward_std", s["rewards"].std())
+        for name, value in stats.items():
+            self.log(name, value)
+        return loss
+
+    def prdp_loss(self, s: dict, steps: list[int]) -> tuple[torch.Tensor, dict]:
+        traj, c = s["traj"], self.cfg.prdp
+        if not len(s["a"]):  # every image of every prompt scored the same: nothing to learn
+            return sum(p.sum() * 0 for p in self.trainable()), {}
+        policy = torch.stack([
+            step_log_prob(self.unet, self.pipe.scheduler, traj.latents[:, i], int(traj.timesteps[i]),
+                          int(self.prevs[i]), traj.latents[:, i + 1], traj.prompt_embeds, traj.negative_embeds,
+                          self.sampler) for i in steps], dim=1)
+        reference, old = s["ref"][:, steps], traj.log_probs[:, steps]
+        ratio, old_ratio = policy - reference, old - reference
+        clipped = torch.maximum(torch.minimum(ratio, old_ratio + c.clip), old_ratio - c.clip)
+        target = (s["rewards"][s["a"]] - s["rewards"][s["b"]]) / c.beta
+
+        def pair_loss(r):
+            r_hat = r.mean(dim=1)
+            return (r_hat[s["a"]] - r_hat[s["b"]] - target) ** 2
+
+        loss = torch.maximum(pair_loss(ratio), pair_loss(clipped)).mean()
+        drift = (policy - old).detach()
+        return loss, {"clip_fraction": (drift.abs() > c.clip).float().mean(),
+                      "approx_kl": 0.5 * (drift ** 2).mean()}
+
+
+class RewardWeighted(PolicyModule):
+    """Reward-weighted likelihood (Lee et al. §1.4): ``mean_i w_i·mse_i + β_pre·mse(prior batch)``.
+
+    ``weights`` are the human label (or the learned reward above its threshold) of each
+    model generation; ``prior_batch(step)`` returns (x0, prompt embeddings) drawn from the
+    pre-training distribution, which keeps the model from forgetting.
+    """
+
+    def __init__(self, pipe, cfg: FinetuneParams, seed: int, x0: torch.Tensor, cond: torch.Tensor,
+                 weights: torch.Tensor, prior_batch):
+        super().__init__(pipe, cfg, cfg.reward_weighted.lr, seed)
+        self.x0, self.cond, self.weights, self.prior_batch = x0, cond, weights, prior_batch
+
+    def random_mse(self, x0: torch.Tensor, cond: torch.Tensor, stream: str) -> torch.Tensor:
+        g = self.generator(stream)
+        t = torch.randint(0, len(self.pipe.scheduler.alphas_cumprod), (len(x0),), generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        return denoising_mse(self.unet, self.pipe.scheduler, x0, cond, t, noise)
+
+    def training_step(self, batch, batch_idx):
+        index = self.batch_index(batch_idx)
+        w = self.weights[index]
+        feedback = (w * self.random_mse(self.x0[index], self.cond[index], "feedback")).sum() / w.sum().clamp(min=1e-8)
+        loss = feedback
+        if self.cfg.reward_weighted.pretrain_weight:
+            prior_x0, prior_cond = self.prior_batch(self.global_step)
+            prior = self.random_mse(prior_x0, prior_cond, "prior").mean()
+            loss = loss + self.cfg.reward_weighted.pretrain_weight * prior
+            self.log("prior_mse", prior)
+        self.log("loss", loss, prog_bar=True)
+        self.log("weighted_mse", feedback)
+        self.log("reward_mean", w.mean())
+        return loss
+
+
+class DiffusionDPO(PolicyModule):
+    """Diffusion-DPO (§3): winner and loser noised with the same t and ε;
+
+    ``−log σ(β·[(mse_ref^w − mse_ref^l) − (mse_θ^w − mse_θ^l)])`` with β = 2500 (≡ 5000 in
+    the paper's 0.5·β form). Implicit accuracy: the share of pairs with a positive inner term.
+    """
+
+    def __init__(self, pipe, cfg: FinetuneParams, seed: int, winner: torch.Tensor, loser: torch.Tensor,
+                 cond: torch.Tensor):
+        super().__init__(pipe, cfg, cfg.diffusion_dpo.lr, seed)
+        self.winner, self.loser, self.cond = winner, loser, cond
+
+    def training_step(self, batch, batch_idx):
+        index = self.batch_index(batch_idx)
+        g = self.generator("dpo")
+        n = len(index)
+        t = torch.randint(0, len(self.pipe.scheduler.alphas_cumprod), (n,), generator=g).repeat(2)
+        noise = torch.randn(self.winner[index].shape, generator=g).repeat(2, 1, 1, 1)
+        x0 = torch.cat([self.winner[index], self.loser[index]])
+        cond = self.cond[index].repeat(2, 1, 1)
+        mse_w, mse_l = denoising_mse(self.unet, self.pipe.scheduler, x0, cond, t, noise).chunk(2)
+        with self.reference_unet() as ref:
+            ref_w, ref_l = denoising_mse(ref, self.pipe.scheduler, x0, cond, t, noise).chunk(2)
+        inner = (ref_w - ref_l) - (mse_w - mse_l)
+        loss = -F.logsigmoid(self.cfg.diffusion_dpo.beta * inner).mean()
+        self.log("loss", loss, prog_bar=True)
+        self.log("implicit_accuracy", (inner > 0).float().mean())
+        return loss

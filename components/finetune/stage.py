@@ -1,0 +1,281 @@
+"""`finetune` stage: fine-tune the production model with ``finetune.method`` (Lightning).
+
+Data (all from versioned inputs, so ``dvc repro`` needs no service but the object store):
+
+- d3po: labelled preference pairs whose images share x_T, with their trajectories;
+- diffusion_dpo: labelled preference pairs (any images);
+- reward_weighted: binary labels, plus unlabelled generations the learned reward
+  calls good (semi-supervised), plus a prior batch from the pre-training distribution;
+- prdp: the train prompts, sampled online and scored by the learned reward.
+
+Only generations of ``train`` prompts are used, and in the world profile never a
+composition held out of pre-training, so evaluation on them measures generalisation.
+
+Checkpoints go to ``<state>/checkpoints/finetune/<run key>``: a killed run resumes
+where it stopped when the stage is re-run with the same inputs.
+Outputs: ``models/candidate`` (a diffusers LoRA adapter + candidate.json, or a full
+pipeline), ``reports/finetune.json``, ``reports/finetune_curve.csv``.
+Run as a stage: ``python -m components.finetune.stage``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+
+from components import feedback, models
+from components.config import Params
+from components.curves import MetricsCurve
+from components.errors import UserError
+from components.finetune import methods
+from components.finetune.core import encode_images, encode_text, save_candidate
+from components.project import Project
+from components.sampling import SamplerConfig
+
+CANDIDATE_OUT = Path("models/candidate")
+REWARD_MODEL = Path("models/reward")
+PROMPTS = Path("data/prompts.parquet")
+REPORT_OUT = Path("reports/finetune.json")
+CURVE_OUT = Path("reports/finetune_curve.csv")
+CURVE_FIELDS = {
+    "d3po": ["loss", "implicit_accuracy", "grad_norm"],
+    "prdp": ["loss", "reward_mean", "reward_std", "clip_fraction", "approx_kl", "grad_norm"],
+    "reward_weighted": ["loss", "weighted_mse", "prior_mse", "reward_mean", "grad_norm"],
+    "diffusion_dpo": ["loss", "implicit_accuracy", "grad_norm"],
+}
+
+
+def usable_generations(gens: pd.DataFrame, params: Params) -> pd.DataFrame:
+    """Generations of train prompts; in the world, none of a held-out composition."""
+    keep = gens["split"] == "train"
+    if params.profile == "world":
+        from components.world.grammar import parse_prompt
+
+        def held_out(prompt: str) -> bool:
+            c = parse_prompt(prompt)
+            return c is not None and f"{c.count_word} {c.colour}" in params.world.holdout
+
+        keep &= ~gens["prompt"].map(held_out)
+    return gens[keep]
+
+
+def epoch_schedule(n: int, batch: int, epochs: int, seed: int) -> list[np.ndarray]:
+    """Batches of example indices: every epoch a fresh seeded permutation."""
+    out = []
+    for epoch in range(epochs):
+        order = np.random.default_rng([seed, epoch]).permutation(n)
+        out += [order[i:i + batch] for i in range(0, n, batch)]
+    return out
+
+
+def _pairs(root: Path, gens: pd.DataFrame, usable: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    prefs = feedback.preference_pairs(root, gens)
+    ok = prefs["winner"].isin(usable.index) & prefs["loser"].isin(usable.index)
+    return prefs[ok].reset_index(drop=True), int((~ok).sum())
+
+
+def build_d3po(project: Project, pipe, gens, usable, fetch) -> tuple[L.LightningModule, dict]:
+    cfg = project.params.finetune
+    prefs, outside = _pairs(project.root, gens, usable)
+    shared = gens.loc[prefs["winner"], "init_seed"].to_numpy() == gens.loc[prefs["loser"], "init_seed"].to_numpy()
+    prefs = prefs[shared].reset_index(drop=True)
+    if not len(prefs):
+        raise UserError(f"{feedback.PREFERENCES}: no labelled pair of train generations shares its initial noise; "
+                        "D3PO needs pairwise labels on images generated with generate.shared_noise_group ≥ 2")
+    sampler = SamplerConfig(**{k: v for k, v in feedback.sampler_of(gens, [*prefs["winner"], *prefs["loser"]]).items()
+                               if k != "sampler"})
+    winners = fetch.trajectories(list(gens.loc[prefs["winner"], "trajectory_key"]))
+    losers = fetch.trajectories(list(gens.loc[prefs["loser"], "trajectory_key"]))
+    pairs = methods.TrajectoryPairs(
+        winner=torch.stack([w["latents"] for w in winners]), loser=torch.stack([x["latents"] for x in losers]),
+        cond=torch.stack([w["prompt_embeds"] for w in winners]), uncond=torch.stack([w["negative_embeds"] for w in winners]),
+        timesteps=winners[0]["timesteps"])
+    module = methods.D3PO(pipe, cfg, project.params.seed, pairs, sampler)
+    module.schedule = epoch_schedule(len(prefs), cfg.d3po.pairs_per_batch, cfg.d3po.epochs, project.params.seed)
+    return module, {"pairs": len(prefs), "pairs_without_shared_noise": int((~shared).sum()),
+                    "pairs_outside_train_prompts": outside}
+
+
+def build_diffusion_dpo(project: Project, pipe, gens, usable, fetch):
+    cfg = project.params.finetune
+    prefs, outside = _pairs(project.root, gens, usable)
+    if not len(prefs):
+        raise UserError(f"{feedback.PREFERENCES}: no preference pair of train generations to learn from")
+    winner = encode_images(pipe, fetch.images(list(gens.loc[prefs["winner"], "image_key"])))
+    loser = encode_images(pipe, fetch.images(list(gens.loc[prefs["loser"], "image_key"])))
+    module = methods.DiffusionDPO(pipe, cfg, project.params.seed, winner, loser,
+                                  encode_text(pipe, list(prefs["prompt"])))
+    epochs = math.ceil(cfg.diffusion_dpo.steps * cfg.diffusion_dpo.pairs_per_batch / len(prefs))
+    module.schedule = epoch_schedule(len(prefs), cfg.diffusion_dpo.pairs_per_batch, epochs, project.params.seed)
+    return module, {"pairs": len(prefs), "pairs_outside_train_prompts": outside}
+
+
+def learned_reward(project: Project):
+    path = project.path(REWARD_MODEL)
+    if not (path / "config.json").exists():
+        raise UserError(f"{path}: no reward model; build it with `dvc repro train_reward`")
+    from components.reward.model import RewardScorer
+
+    scorer = RewardScorer.load(path)
+    return lambda images, prompts: scorer.score(images, prompts)[0]
+
+
+def build_reward_weighted(project: Project, pipe, gens, usable, fetch):
+    params = project.params
+    cfg = params.finetune
+    labels = feedback.binary_labels(project.root, gens)
+    labels = labels[labels["generation_id"].isin(usable.index)]
+    unlabelled = usable[~usable.index.isin(labels["generation_id"])]
+    ids = [*labels["generation_id"], *unlabelled.index]
+    images = fetch.images(list(gens.loc[ids, "image_key"]))
+    prompts = list(gens.loc[ids, "prompt"])
+    weights = np.concatenate([labels["label"].to_numpy(np.float32), np.zeros(len(unlabelled), np.float32)])
+    if len(unlabelled) and project.path(REWARD_MODEL).exists():
+        scores = learned_reward(project)(images[len(labels):], prompts[len(labels):])
+        weights[len(labels):] = (scores >= cfg.reward_weighted.reward_threshold).astype(np.float32)
+    good = np.flatnonzero(weights > 0)
+    if not len(good):
+        raise UserError(f"{feedback.TASKS}: no train generation is labelled (or scored) good; "
+                        "reward-weighted fine-tuning only learns from good images")
+    x0 = encode_images(pipe, images[good])
+    cond = encode_text(pipe, [prompts[i] for i in good])
+    module = methods.RewardWeighted(pipe, cfg, params.seed, x0, cond, torch.from_numpy(weights[good]),
+                                    prior_batches(project, pipe, gens, fetch))
+    epochs = math.ceil(cfg.reward_weighted.steps * cfg.reward_weighted.batch_size / len(good))
+    module.schedule = epoch_schedule(len(good), cfg.reward_weighted.batch_size, epochs, params.seed)
+    return module, {"good_labelled": int((weights[:len(labels)] > 0).sum()), "labelled": int(len(labels)),
+                    "good_scored": int((weights[len(labels):] > 0).sum()), "unlabelled": int(len(unlabelled))}
+
+
+def prior_batches(project: Project, pipe, gens, fetch):
+    """(x0, prompt embeddings) of the pre-training distribution, a pure function of the step.
+
+    World: freshly rendered scenes under the same noisy captions as pre-training. Other
+    profiles have no pre-training corpus here: the base model's own generations stand in.
+    """
+    params = project.params
+    size = params.finetune.reward_weighted.batch_size
+    if params.profile == "world":
+        from components.world.pretrain import is_held_out, noisy_caption
+        from components.world.render import render
+        from components.world.grammar import all_compositions
+
+        seen = [c for c in all_compositions() if not is_held_out(c, params.world.holdout)]
+
+        def world_batch(step: int):
+            rng = np.random.default_rng([params.seed, 1_000_003, step])
+            comps = [seen[i] for i in rng.integers(len(seen), size=size)]
+            images = np.stack([render(c, rng) for c in comps])
+            captions = [noisy_caption(c, rng, params.pretrain, params.world.holdout) for c in comps]
+            return encode_images(pipe, images), encode_text(pipe, captions)
+
+        return world_batch
+    ids = list(gens.index)
+
+    def generated_batch(step: int):
+        chosen = [ids[i] for i in np.random.default_rng([params.seed, step]).integers(len(ids), size=size)]
+        return (encode_images(pipe, fetch.images(list(gens.loc[chosen, "image_key"]))),
+                encode_text(pipe, list(gens.loc[chosen, "prompt"])))
+
+    return generated_batch
+
+
+def build_prdp(project: Project, pipe, gens, usable, fetch):
+    params = project.params
+    prompts = sorted(set(usable["prompt"]))
+    if len(prompts) < 2:
+        raise UserError(f"{feedback.GENERATIONS}: PRDP needs train prompts; found {len(prompts)}")
+    module = methods.PRDP(pipe, params.finetune, params.seed, prompts, learned_reward(project),
+                          SamplerConfig(**params.sample.model_dump()))
+    module.schedule = [np.zeros(0, int)]  # PRDP samples its own data every epoch
+    return module, {"prompts": len(prompts)}
+
+
+BUILDERS = {"d3po": build_d3po, "prdp": build_prdp, "reward_weighted": build_reward_weighted,
+            "diffusion_dpo": build_diffusion_dpo}
+
+
+def total_steps(params: Params, module) -> int:
+    cfg = params.finetune
+    if cfg.method == "prdp":
+        return cfg.prdp.epochs * cfg.prdp.updates_per_epoch
+    if cfg.method == "d3po":
+        return len(module.schedule)
+    return getattr(cfg, cfg.method).steps
+
+
+def run_key(params: Params, inputs: list[Path], base_version: str) -> str:
+    """Checkpoints resume only a run of the same method, settings, data and base model."""
+    digest = hashlib.sha256(json.dumps({"finetune": params.finetune.model_dump(), "seed": params.seed,
+                                        "sample": params.sample.model_dump(), "base": base_version},
+                                       sort_keys=True).encode())
+    for path in inputs:
+        for f in sorted(p for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file()):
+            digest.update(f.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def finetune(project: Project) -> dict:
+    params, root = project.params, project.root
+    cfg = params.finetune
+    torch.set_num_threads(cfg.threads)
+    L.seed_everything(params.seed, verbose=False)
+    where = models.resolve(project, cfg.init)
+    base_version = models.model_version(where)
+    pipe = models.load_pipeline(where)
+    gens = feedback.generations(root)
+    usable = usable_generations(gens, params)
+    module, data = BUILDERS[cfg.method](project, pipe, gens, usable, feedback.Fetcher(project.object_store()))
+    steps = total_steps(params, module)
+
+    inputs = [p for p in (root / "data/labels", root / feedback.GENERATIONS, root / REWARD_MODEL) if p.exists()]
+    ckpt_dir = project.state_dir / "checkpoints" / "finetune" / run_key(params, inputs, base_version)
+    last = ckpt_dir / "last.ckpt"
+    every = cfg.checkpoint_every
+    if cfg.method == "prdp":  # checkpoint at epoch boundaries: a resumed run re-samples exactly there
+        every = math.ceil(every / cfg.prdp.updates_per_epoch) * cfg.prdp.updates_per_epoch
+    curve = MetricsCurve(root / CURVE_OUT, CURVE_FIELDS[cfg.method])
+    trainer = L.Trainer(
+        max_steps=steps, accelerator=cfg.accelerator, devices=cfg.devices, strategy=cfg.strategy,
+        precision=cfg.precision, accumulate_grad_batches=cfg.accumulate_grad_batches,
+        gradient_clip_val=cfg.gradient_clip, logger=False, enable_model_summary=False, num_sanity_val_steps=0,
+        callbacks=[L.pytorch.callbacks.ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=every, save_last=True,
+                                                       save_top_k=0), curve])
+    loader = torch.utils.data.DataLoader(range(steps * cfg.accumulate_grad_batches), batch_size=1)
+    trainer.fit(module, loader, ckpt_path=str(last) if last.exists() else None)
+
+    relative_base = where if isinstance(where, str) else os.path.relpath(where, root / CANDIDATE_OUT)
+    description = {"method": cfg.method, "base_version": base_version, "steps": steps, "data": data}
+    save_candidate(pipe, root / CANDIDATE_OUT, cfg.lora, relative_base, description)
+    final = {k: v for k, v in (curve.rows[-1] if curve.rows else {}).items() if v != ""}
+    report = {**description, "final": final}
+    (root / REPORT_OUT).parent.mkdir(parents=True, exist_ok=True)
+    (root / REPORT_OUT).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    curve.write()
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    return report
+
+
+def _stage(project: Project) -> str:
+    report = finetune(project)
+    return f"{report['method']}: {report['steps']} steps on {json.dumps(report['data'])}; final {report['final']}"
+
+
+def main() -> int:
+    from components.stage import run_stage
+
+    return run_stage("finetune", _stage)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

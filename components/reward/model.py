@@ -1,0 +1,89 @@
+"""Learned reward r(x, c) ∈ [0, 1] of an image and its prompt, as a diffusers-style model.
+
+Config-first (``ConfigMixin``): ``save_pretrained`` writes ``config.json`` and
+``diffusion_pytorch_model.safetensors``; ``from_pretrained`` reads them back.
+
+World encoders, trained here: a small CNN over the 32×32 image, modulated (FiLM) by a
+prompt encoder over the world's word-level tokens (word embeddings in their sentence
+positions, so "two red" and "red two" differ), then global mean- and max-pooling (how
+much of a colour is present, and where) and an MLP.
+
+Ensemble: ``heads`` independent output heads on the shared trunk; each is trained on
+its own bootstrap weighting of every batch, so their spread is a disagreement signal
+(active selection uses it). ``forward`` returns per-head logits; ``score`` the mean
+reward and the heads' standard deviation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from diffusers import ConfigMixin, ModelMixin
+from diffusers.configuration_utils import register_to_config
+from torch import nn
+
+
+class RewardModel(ModelMixin, ConfigMixin):
+    config_name = "config.json"
+
+    @register_to_config
+    def __init__(self, vocab_size: int = 32, max_tokens: int = 12, width: int = 64, word_dim: int = 32,
+                 heads: int = 3, image_size: int = 32):
+        super().__init__()
+        self.words = nn.Embedding(vocab_size, word_dim)
+        self.positions = nn.Parameter(torch.zeros(max_tokens, word_dim))
+        self.text = nn.Sequential(nn.Linear(max_tokens * word_dim, 2 * width), nn.GELU(), nn.Linear(2 * width, 2 * width))
+        self.stem = nn.Sequential(nn.Conv2d(3, width // 2, 3, padding=1), nn.GELU(),
+                                  nn.Conv2d(width // 2, width, 3, padding=1, stride=2), nn.GELU())
+        self.film = nn.Linear(2 * width, 2 * width)
+        self.body = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.GELU(),
+                                  nn.Conv2d(width, width, 3, padding=1), nn.GELU())
+        self.mlp = nn.Sequential(nn.Linear(2 * width + 2 * width, 2 * width), nn.GELU())
+        self.out = nn.Linear(2 * width, heads)
+
+    def encode_text(self, token_ids: torch.Tensor) -> torch.Tensor:
+        words = self.words(token_ids) + self.positions
+        return self.text(words.flatten(1))
+
+    def forward(self, images: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        """Per-head logits (B, heads) for images in [-1, 1] (B, 3, H, W) and prompt token ids."""
+        text = self.encode_text(token_ids)
+        scale, shift = self.film(text).chunk(2, dim=1)
+        features = self.stem(images) * (1 + scale[..., None, None]) + shift[..., None, None]
+        features = self.body(features)
+        pooled = torch.cat([features.mean(dim=(2, 3)), features.amax(dim=(2, 3)), text], dim=1)
+        return self.out(self.mlp(pooled))
+
+
+class RewardScorer:
+    """Scores uint8 images against prompts with a trained reward model and the world tokenizer."""
+
+    def __init__(self, model: RewardModel):
+        from components.world.model import build_tokenizer
+
+        self.model = model.eval()
+        self.tokenizer = build_tokenizer()
+
+    @classmethod
+    def load(cls, path) -> RewardScorer:
+        return cls(RewardModel.from_pretrained(path))
+
+    def tokens(self, prompts: list[str]) -> torch.Tensor:
+        return self.tokenizer(prompts, padding="max_length", max_length=self.model.config.max_tokens, truncation=True,
+                              return_tensors="pt").input_ids
+
+    def logits(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        return self.model(images, self.tokens(prompts))
+
+    @torch.no_grad()
+    def score(self, images: np.ndarray, prompts: list[str], batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+        """(mean reward, std across heads) per image."""
+        means, stds = [], []
+        for start in range(0, len(prompts), batch_size):
+            x = torch.from_numpy(images[start:start + batch_size]).permute(0, 3, 1, 2).float() / 127.5 - 1
+            r = torch.sigmoid(self.logits(x, prompts[start:start + batch_size]))
+            means.append(r.mean(dim=1))
+            stds.append(r.std(dim=1) if r.shape[1] > 1 else torch.zeros(len(r)))
+        if not means:
+            return np.zeros(0, np.float32), np.zeros(0, np.float32)
+        return torch.cat(means).numpy(), torch.cat(stds).numpy()
