@@ -26,21 +26,23 @@ TASKS = Path("data/labels/tasks.parquet")
 PREFERENCES = Path("data/labels/preferences.parquet")
 
 
-def read_table(path: Path, columns: list[str], hint: str) -> pd.DataFrame:
+def read_table(root: Path, relative: Path, columns: list[str], hint: str) -> pd.DataFrame:
+    """A Parquet table of the project; errors name it by its project-relative path."""
+    path = root / relative
     if not path.exists():
-        raise UserError(f"{path}: not found; {hint}")
+        raise UserError(f"{relative}: not found; {hint}")
     try:
         frame = pd.read_parquet(path)
     except Exception as exc:  # pyarrow raises several unrelated types for a damaged file
-        raise UserError(f"{path}: not a readable Parquet file ({exc})") from None
+        raise UserError(f"{relative}: not a readable Parquet file ({exc})") from None
     missing = [c for c in columns if c not in frame.columns]
     if missing:
-        raise UserError(f"{path}: missing columns {missing}; expected at least {columns}")
+        raise UserError(f"{relative}: missing columns {missing}; expected at least {columns}")
     return frame
 
 
 def generations(root: Path) -> pd.DataFrame:
-    frame = read_table(root / GENERATIONS, ["generation_id", "prompt", "split", "init_seed", "sampler", "image_key",
+    frame = read_table(root, GENERATIONS, ["generation_id", "prompt", "split", "init_seed", "sampler", "image_key",
                                             "trajectory_key"], "run `dvc repro generate`")
     return frame.set_index("generation_id", drop=False)
 
@@ -54,23 +56,23 @@ def _check_known(ids: pd.Series, known: pd.DataFrame, source: Path) -> None:
 
 def binary_labels(root: Path, gens: pd.DataFrame) -> pd.DataFrame:
     """generation_id, prompt, label (1 good, 0 bad) from binary majorities; ties dropped."""
-    tasks = read_table(root / TASKS, ["kind", "prompt", "generation_ids", "majority"],
+    tasks = read_table(root, TASKS, ["kind", "prompt", "generation_ids", "majority"],
                        "snapshot the annotations with `aligndiff annotate snapshot`")
     binary = tasks[(tasks["kind"] == "binary") & tasks["majority"].isin(["good", "bad"])]
     out = pd.DataFrame({"generation_id": [ids[0] for ids in binary["generation_ids"]],
                         "prompt": binary["prompt"].to_numpy(),
                         "label": (binary["majority"] == "good").astype(np.float32).to_numpy()})
-    _check_known(out["generation_id"], gens, root / TASKS)
+    _check_known(out["generation_id"], gens, TASKS)
     return out.reset_index(drop=True)
 
 
 def preference_pairs(root: Path, gens: pd.DataFrame) -> pd.DataFrame:
-    prefs = read_table(root / PREFERENCES, ["prompt", "winner", "loser", "weight"],
+    prefs = read_table(root, PREFERENCES, ["prompt", "winner", "loser", "weight"],
                        "snapshot the annotations with `aligndiff annotate snapshot`")
-    _check_known(pd.concat([prefs["winner"], prefs["loser"]]), gens, root / PREFERENCES)
+    _check_known(pd.concat([prefs["winner"], prefs["loser"]]), gens, PREFERENCES)
     same = prefs[prefs["winner"] == prefs["loser"]]
     if len(same):
-        raise UserError(f"{root / PREFERENCES}: {len(same)} pairs compare an image with itself")
+        raise UserError(f"{PREFERENCES}: {len(same)} pairs compare an image with itself")
     return prefs.reset_index(drop=True)
 
 

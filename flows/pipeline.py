@@ -14,6 +14,7 @@ from components.errors import UserError
 from components.reports import headline_metrics
 from components.locking import file_lock
 from components.project import Project
+from components.stage_graph import runnable_stages
 
 
 @contextmanager
@@ -68,16 +69,26 @@ def read_metrics(root: str) -> dict[str, dict]:
 
 @flow(name="reproduce", log_prints=True)
 def reproduce(root: str = ".", targets: list[str] | None = None, push_outputs: bool = True) -> dict:
-    """`dvc repro` (optionally of some targets), then push outputs to the DVC remote."""
+    """`dvc repro` (optionally of some targets), then push outputs to the DVC remote.
+
+    Without targets: every stage whose inputs exist (the retrain stages wait for a label snapshot).
+    """
     root = str(Path(root).resolve())
+    skipped: dict[str, str] = {}
+    if not targets:
+        runnable, skipped = runnable_stages(Path(root))
+        for stage, missing in skipped.items():
+            print(f"skipping {stage}: {missing} does not exist yet")
+        targets = runnable if skipped else None
     stages_run = repro(root, targets)
     pushed = push(root) if push_outputs else 0
     metrics = read_metrics(root)
     lines = ["# dvc repro", f"- stages run: {', '.join(stages_run) or 'none (all up to date)'}",
              f"- files pushed to the DVC remote: {pushed}"]
+    lines += [f"- skipped {stage}: `{missing}` does not exist yet" for stage, missing in skipped.items()]
     for name, values in metrics.items():
         lines += ["", f"## {name}", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in values.items()]
     create_markdown_artifact(key="reproduce-summary", markdown="\n".join(lines),
                              description="What this reproduce run rebuilt, pushed and measured")
-    return {"stages_run": stages_run, "pushed": pushed, "metrics": metrics}
+    return {"stages_run": stages_run, "skipped": skipped, "pushed": pushed, "metrics": metrics}

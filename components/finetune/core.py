@@ -35,11 +35,11 @@ def attach_policy(pipe, lora: LoraParams) -> torch.nn.Module | None:
         import copy
 
         reference = copy.deepcopy(pipe.unet).requires_grad_(False).eval()
-        pipe.unet.requires_grad_(True)
+        pipe.unet.requires_grad_(True).train()
         return reference
     from peft import LoraConfig
 
-    pipe.unet.requires_grad_(False)
+    pipe.unet.requires_grad_(False).train()
     pipe.unet.add_adapter(LoraConfig(r=lora.rank, lora_alpha=lora.alpha, init_lora_weights="gaussian",
                                      target_modules=list(lora.target_modules)))
     return None

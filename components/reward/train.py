@@ -18,6 +18,7 @@ Outputs: ``models/reward`` (safetensors + config), ``reports/reward_metrics.json
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -165,7 +166,7 @@ def train_reward(params: Params, root: Path, store) -> dict:
         needed = "preference pairs"
         usable = len(table) > 0
     if len(table) < 2 or not usable:
-        raise UserError(f"{root / (feedback.TASKS if cfg.kind == 'lee' else feedback.PREFERENCES)}: "
+        raise UserError(f"{feedback.TASKS if cfg.kind == 'lee' else feedback.PREFERENCES}: "
                         f"{len(table)} usable rows; reward.kind {cfg.kind} needs {needed} for at least two prompts")
     validation = split_prompts(list(table["prompt"]), cfg.validation_fraction, params.seed)
     train_rows, val_rows = table[~table["prompt"].isin(validation)], table[table["prompt"].isin(validation)]
@@ -198,9 +199,11 @@ def train_reward(params: Params, root: Path, store) -> dict:
     scorer.model.eval()
 
     metrics = evaluate_reward(scorer, cfg.kind, train_rows, val_rows, gens, position, images_u8, params)
-    out = root / MODEL_OUT
-    out.mkdir(parents=True, exist_ok=True)
-    scorer.model.save_pretrained(out)
+    out, tmp = root / MODEL_OUT, root / MODEL_OUT.with_name("reward.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    scorer.model.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
     (root / METRICS_OUT).parent.mkdir(parents=True, exist_ok=True)
     (root / METRICS_OUT).write_text(json.dumps(metrics, indent=2) + "\n")
     curve.write()

@@ -1,0 +1,201 @@
+"""train_reward and finetune stages on a tiny world model, generations in the real embedded S3."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from components import curate, feedback, generate, models
+from components.annotation import oracle
+from components.annotation.simulate import AnnotatorConfig
+from components.errors import UserError
+from components.finetune import stage as finetune_stage
+from components.project import Project
+from components.reward import train as reward_train
+from components.reward.model import RewardModel, RewardScorer
+from tests.conftest import sibling_project
+from tests.models import save_tiny_world_model
+
+METHODS = ["d3po", "prdp", "reward_weighted", "diffusion_dpo"]
+
+
+def _tiny(params: dict, method: str = "d3po") -> None:
+    params["sample"]["steps"] = 3
+    params["generate"].update(images_per_prompt=4, shared_noise_group=2, batch_size=64, splits=["train"])
+    params["reward"].update(steps=15, batch_size=16)
+    ft = params["finetune"]
+    ft.update(method=method, init="base", checkpoint_every=1)
+    ft["d3po"].update(epochs=1, pairs_per_batch=4, timestep_fraction=0.34, lr=1e-4)
+    ft["prdp"].update(epochs=2, prompts_per_epoch=2, images_per_prompt=2, updates_per_epoch=1)
+    ft["reward_weighted"].update(steps=3, batch_size=8)
+    ft["diffusion_dpo"].update(steps=3, pairs_per_batch=4)
+
+
+def _project(stack_project, root, **edits) -> Project:
+    def edit(params):
+        _tiny(params)
+        for dotted, value in edits.items():
+            node = params
+            *parents, leaf = dotted.split(".")
+            for key in parents:
+                node = node[key]
+            node[leaf] = value
+
+    root = sibling_project(stack_project, root, edit=edit)
+    save_tiny_world_model(root / "models" / "base")
+    curate.run(root)
+    project = Project.load(root)
+    generate.run(project)
+    gens = feedback.generations(root)
+    images = feedback.Fetcher(project.object_store()).images(list(gens["image_key"]))
+    tasks, prefs = oracle.label(gens, dict(zip(gens.index, images)), AnnotatorConfig(coverage=3, flip_rate=0.1))
+    # a random tiny model rarely draws a fully aligned image: make a few binary verdicts "good"
+    binary = tasks.index[tasks["kind"] == "binary"]
+    tasks.loc[binary[::5], "majority"] = "good"
+    from components.annotation.snapshot import preferences
+
+    oracle.write(tasks, preferences(tasks), root / "data" / "labels")
+    return project
+
+
+@pytest.fixture(scope="module")
+def labelled(stack_project, tmp_path_factory):
+    return _project(stack_project, tmp_path_factory.mktemp("training") / "project")
+
+
+def test_lee_reward_trains_reports_metrics_and_round_trips(labelled):
+    metrics = reward_train.train_reward(labelled.params, labelled.root, labelled.object_store())
+    assert metrics["kind"] == "lee" and metrics["ensemble"] == 3
+    assert metrics["validation"]["n"] > 0 and metrics["train_rows"] > 0
+    assert {"accuracy", "auc", "calibration_error"} <= set(metrics["validation"])
+    assert "judge_on_unseen_prompts" in metrics
+    assert json.loads(labelled.path(reward_train.METRICS_OUT).read_text()) == metrics
+    curve = pd.read_csv(labelled.path(reward_train.CURVE_OUT))
+    assert curve["step"].iloc[-1] == 15 and curve["loss"].notna().all()
+
+    scorer = RewardScorer.load(labelled.path(reward_train.MODEL_OUT))
+    images = np.random.default_rng(0).integers(0, 255, (3, 32, 32, 3), dtype=np.uint8)
+    prompts = ["one red circle on a white background"] * 3
+    mean, spread = scorer.score(images, prompts)
+    assert mean.shape == (3,) and ((0 <= mean) & (mean <= 1)).all() and (spread >= 0).all()
+    again = RewardScorer.load(labelled.path(reward_train.MODEL_OUT)).score(images, prompts)[0]
+    assert np.array_equal(mean, again)
+
+
+def test_prompt_classification_scores_the_original_prompt_with_the_network(labelled):
+    """The original prompt's reward gets gradient (not a constant logit, as in one reimplementation)."""
+    from components.config import RewardParams
+
+    scorer = RewardScorer(RewardModel(vocab_size=reward_train._vocab_size(), heads=1))
+    images = torch.zeros(2, 3, 32, 32)
+    prompts = ["two red circles on a white background", "one blue square on a black background"]
+    module = reward_train.RewardModule(scorer, RewardParams(perturbed_prompts=3), 0, images, prompts,
+                                       labels=torch.ones(2))
+    seen_prompts = []
+    original = scorer.logits
+
+    def spy(x, ps):
+        seen_prompts.extend(ps)
+        return original(x, ps)
+
+    scorer.logits = spy
+    loss = module.prompt_classification([0, 1], torch.ones(2), torch.ones(2, 1))
+    assert prompts[0] in seen_prompts and prompts[1] in seen_prompts
+    assert len(seen_prompts) == 2 * 4 and float(loss) > 0
+    loss.backward()
+    assert scorer.model.words.weight.grad is not None
+
+
+def test_bradley_terry_reward_learns_from_pairs(labelled):
+    params = labelled.params.model_copy(update={"reward": labelled.params.reward.model_copy(
+        update={"kind": "bradley_terry"})})
+    metrics = reward_train.train_reward(params, labelled.root, labelled.object_store())
+    assert metrics["kind"] == "bradley_terry" and metrics["validation"]["n"] > 0
+    assert 0 <= metrics["validation"]["pair_accuracy"] <= 1
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_fine_tunes_into_a_loadable_candidate(labelled, method):
+    import dataclasses
+
+    if not labelled.path(reward_train.MODEL_OUT).exists():
+        reward_train.train_reward(labelled.params, labelled.root, labelled.object_store())
+    params = labelled.params.model_copy(update={"finetune": labelled.params.finetune.model_copy(
+        update={"method": method})})
+    project = dataclasses.replace(labelled, params=params)
+    report = finetune_stage.finetune(project)
+    assert report["method"] == method and report["steps"] > 0 and report["final"]["step"] == report["steps"]
+    out = project.path(finetune_stage.CANDIDATE_OUT)
+    assert (out / "pytorch_lora_weights.safetensors").exists()
+    assert json.loads((out / "candidate.json").read_text())["method"] == method
+    pipe = models.load_pipeline(out)
+    base = models.load_pipeline(project.path("models/base"))
+    prompt = ["two red circles on a white background"]
+    tuned_out = pipe.unet(torch.zeros(1, 3, 32, 32), 500, pipe.encode_prompt(prompt)).sample
+    base_out = base.unet(torch.zeros(1, 3, 32, 32), 500, base.encode_prompt(prompt)).sample
+    assert not torch.equal(tuned_out, base_out)
+    curve = pd.read_csv(project.path(finetune_stage.CURVE_OUT))
+    assert len(curve) == report["steps"] and curve["loss"].notna().all()
+    assert not list((project.state_dir / "checkpoints" / "finetune").glob("*/last.ckpt"))
+
+
+def test_missing_or_inconsistent_labels_fail_with_one_line_naming_the_file(stack_project, labelled, tmp_path):
+    root = sibling_project(stack_project, tmp_path / "nolabels", edit=_tiny)
+    (root / "data").mkdir()
+    (root / "data" / "generations.parquet").write_bytes(labelled.path(feedback.GENERATIONS).read_bytes())
+    result = subprocess.run([sys.executable, "-m", "components.reward.train"], cwd=root, capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[0].startswith("train_reward: error: data/labels/tasks.parquet: not found")
+
+    (root / "data" / "labels").mkdir()
+    tasks = pd.read_parquet(labelled.path(feedback.TASKS))
+    tasks.loc[0, "generation_ids"] = ["not-a-generation"]
+    tasks.to_parquet(root / "data" / "labels" / "tasks.parquet")
+    with pytest.raises(UserError, match=r"tasks.parquet: 1 generation ids not in data/generations.parquet"):
+        feedback.binary_labels(root, feedback.generations(root))
+    assert not (root / "models" / "reward").exists()
+
+
+def test_killed_fine_tune_resumes_to_the_same_model(stack_project, tmp_path):
+    from safetensors.torch import load_file
+
+    edits = {"finetune.d3po.epochs": 3, "finetune.d3po.pairs_per_batch": 2, "finetune.checkpoint_every": 2}
+    reference = _project(stack_project, tmp_path / "reference", **edits)
+    finetune_stage.finetune(reference)
+    expected = load_file(reference.path(finetune_stage.CANDIDATE_OUT) / "pytorch_lora_weights.safetensors")
+
+    project = _project(stack_project, tmp_path / "killed", **edits)
+    proc = subprocess.Popen([sys.executable, "-m", "components.finetune.stage"], cwd=project.root,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoints = project.state_dir / "checkpoints" / "finetune"
+    deadline = time.monotonic() + 300
+
+    def saved_step() -> int:
+        last = list(checkpoints.glob("*/last.ckpt"))
+        try:
+            return torch.load(last[0], weights_only=False)["global_step"] if last else 0
+        except Exception:  # caught mid-write
+            return 0
+
+    while time.monotonic() < deadline and saved_step() < 4:
+        assert proc.poll() is None, "finetune finished before it could be killed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not project.path(finetune_stage.CANDIDATE_OUT).exists()
+
+    rerun = subprocess.run([sys.executable, "-m", "components.finetune.stage"], cwd=project.root,
+                           capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "Restoring states from the checkpoint" in rerun.stdout + rerun.stderr
+    resumed = load_file(project.path(finetune_stage.CANDIDATE_OUT) / "pytorch_lora_weights.safetensors")
+    assert expected.keys() == resumed.keys()
+    assert all(torch.equal(expected[k], resumed[k]) for k in expected)
