@@ -189,6 +189,17 @@ class GenerateParams(_Strict):
         return self
 
 
+class ValidateParams(_Strict):
+    sample_fraction: float = Field(0.1, gt=0, le=1)  # generations whose objects are fetched and decoded
+    full_check: bool = False  # every generation (the CLI's --full does the same once)
+    categories: list[str] | None = None  # allowed prompt categories; None = any non-empty
+    min_annotators: int = Field(1, ge=1)  # per task
+    min_agreement: float = Field(0.4, ge=-1, le=1)  # Krippendorff's alpha over all votes
+    min_good_share: float = Field(0.02, ge=0, le=1)  # class balance of binary majorities
+    max_good_share: float = Field(0.98, ge=0, le=1)
+    min_labels: int = Field(100, ge=0)  # votes in the snapshot before training
+
+
 class RewardParams(_Strict):
     # lee: binary good/bad labels, MSE + λ·prompt classification over perturbed prompts
     # (Lee et al. 2023); bradley_terry: preference pairs
@@ -279,6 +290,8 @@ class Params(_Strict):
     sample: SampleParams = SampleParams()
     evaluate_base: EvaluateBaseParams = EvaluateBaseParams()
     generate: GenerateParams = GenerateParams()
+    # "validate" would shadow pydantic's BaseModel.validate: the section is read under that alias
+    validation: ValidateParams = Field(ValidateParams(), alias="validate")
     reward: RewardParams = RewardParams()
     finetune: FinetuneParams = FinetuneParams()
 

@@ -60,7 +60,7 @@ def load_pipeline(where: Path | str, dtype=None):
         repo_id, revision = where.split("@", 1)
         try:
             return DiffusionPipeline.from_pretrained(repo_id, revision=revision, local_files_only=True,
-                                                     torch_dtype=dtype, safety_checker=None)
+                                                     dtype=dtype, safety_checker=None)
         except OSError as exc:
             raise UserError(f"{repo_id}@{revision} is not in the local Hugging Face cache ({exc}); "
                             "download it once on a connected machine or set models.<profile>.path") from None
@@ -77,8 +77,8 @@ def load_pipeline(where: Path | str, dtype=None):
     if index.get("_class_name") == "WorldPipeline":
         from components.world.model import WorldPipeline
 
-        return WorldPipeline.from_pretrained(where, local_files_only=True, torch_dtype=dtype)
-    return DiffusionPipeline.from_pretrained(where, local_files_only=True, torch_dtype=dtype, safety_checker=None,
+        return WorldPipeline.from_pretrained(where, local_files_only=True, dtype=dtype)
+    return DiffusionPipeline.from_pretrained(where, local_files_only=True, dtype=dtype, safety_checker=None,
                                              requires_safety_checker=False)
 
 

@@ -19,7 +19,8 @@ def _paths(entries) -> list[str]:
 def runnable_stages(root: Path) -> tuple[list[str], dict[str, str]]:
     """(stages that can run, {skipped stage: the missing input that blocks it})."""
     stages = yaml.safe_load((root / "dvc.yaml").read_text()).get("stages", {})
-    produced_by = {out: name for name, s in stages.items() for out in _paths(s.get("outs"))}
+    produced_by = {out: name for name, s in stages.items()
+                   for out in _paths(s.get("outs")) + _paths(s.get("metrics")) + _paths(s.get("plots"))}
     skipped: dict[str, str] = {}
     changed = True
     while changed:

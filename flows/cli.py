@@ -32,8 +32,14 @@ def _use_embedded_prefect(project) -> None:
 
 def cmd_params(args) -> int:
     project = _project(args)
-    print(json.dumps(project.params.model_dump(), indent=2))
+    print(json.dumps(project.params.model_dump(by_alias=True), indent=2))
     return 0
+
+
+def cmd_validate(args) -> int:
+    from components import validate
+
+    return validate.report(_project(args), args.datasets or None, full=args.full)
 
 
 def cmd_init(args) -> int:
@@ -186,6 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bias", type=float, default=0.0, help="simulate: probability of answering good/left blindly")
     p.add_argument("--show-rejected", type=int, default=20, help="sync: rejected results to list")
     p.set_defaults(func=cmd_annotate)
+    p = sub.add_parser("validate", help="check datasets with Great Expectations (one line per failure)")
+    p.add_argument("datasets", nargs="*", metavar="DATASET", help="prompts, generations, labels (default: all)")
+    p.add_argument("--full", action="store_true", help="fetch and decode every generation's objects, not a sample")
+    p.set_defaults(func=cmd_validate)
     sub.add_parser("demo", help="start the services and run the pipeline through Prefect").set_defaults(
         func=cmd_demo)
     return parser

@@ -1,0 +1,150 @@
+"""Benchmark: does feedback fine-tuning raise judge alignment, and does it beat more pre-training?
+
+    .venv/bin/python bench/learning_efficacy.py --method d3po [--images-per-prompt 8]
+        [--set finetune.d3po.lr=1e-4 ...] [--control]
+
+Needs the embedded services (`aligndiff up`) and the pre-trained base (`dvc repro pretrain`).
+One feedback round in a scratch project next to the repo (the repo's data is untouched):
+generate K images per train prompt (pairs sharing x_T) with the base model → label them
+with the simulated annotators' policy (3 votes, 10% flips; the Label Studio round trip is
+tested elsewhere) → train the reward model (PRDP, reward-weighted) → fine-tune → judge
+alignment of base and candidate on seen compositions (4 images each, 288) and on the
+compositions held out of pre-training (8 each, 192), same seeds for both models.
+``--control`` continues pre-training the base for the same wall time instead.
+Results are appended to bench/results/efficacy.jsonl (wall minutes on this machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from components import curate, feedback, generate, models  # noqa: E402
+from components.annotation import oracle  # noqa: E402
+from components.annotation.simulate import AnnotatorConfig  # noqa: E402
+from components.project import Project  # noqa: E402
+from components.sampling import SamplerConfig  # noqa: E402
+from components.world.alignment import evaluate, split_compositions  # noqa: E402
+
+RESULTS = REPO / "bench" / "results" / "efficacy.jsonl"
+
+
+def scratch_project(root: Path, overrides: list[str]) -> Project:
+    shutil.rmtree(root, ignore_errors=True)
+    (root / "models").mkdir(parents=True)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["services"]["state_dir"] = str(REPO / ".aligndiff")  # the running services' credentials and ports
+    params["services"]["label_studio"]["venv"] = str(REPO / ".aligndiff" / "venvs" / "label-studio")
+    params["generate"]["splits"] = ["train"]
+    params["finetune"]["init"] = "base"
+    for item in overrides:
+        dotted, value = item.split("=", 1)
+        node = params
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node[key]
+        node[leaf] = yaml.safe_load(value)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    shutil.copy(REPO / ".env", root / ".env")
+    (root / "models" / "base").symlink_to(REPO / "models" / "base")
+    return Project.load(root)
+
+
+def alignment(pipe, params, seed: int) -> dict:
+    splits = split_compositions(params.world.holdout)
+    config = SamplerConfig(**params.sample.model_dump())
+    return {"seen": evaluate(pipe, splits["seen"], 4, seed, config),
+            "unseen": evaluate(pipe, splits["unseen"], 8, seed, config)}
+
+
+def feedback_round(project: Project, method: str) -> dict:
+    from components.finetune import stage as finetune_stage
+    from components.reward import train as reward_train
+
+    timings = {}
+    start = time.monotonic()
+    curate.run(project.root)
+    generate.run(project)
+    timings["generate_s"] = time.monotonic() - start
+    gens = feedback.generations(project.root)
+    images = feedback.Fetcher(project.object_store()).images(list(gens["image_key"]))
+    tasks, prefs = oracle.label(gens, dict(zip(gens.index, images)), AnnotatorConfig(coverage=3, flip_rate=0.1))
+    oracle.write(tasks, prefs, project.path("data/labels"))
+    labels = {"tasks": len(tasks), "votes": 3 * len(tasks), "preferences": len(prefs)}
+    if method in ("prdp", "reward_weighted"):
+        t = time.monotonic()
+        reward = reward_train.train_reward(project.params, project.root, project.object_store())
+        timings["reward_s"] = time.monotonic() - t
+        labels["reward_validation"] = reward["validation"]
+        labels["reward_vs_judge"] = reward.get("judge_on_unseen_prompts")
+    t = time.monotonic()
+    report = finetune_stage.finetune(project)
+    timings["finetune_s"] = time.monotonic() - t
+    return {"labels": labels, "finetune": report, "timings": timings}
+
+
+def continued_pretraining(project: Project, minutes: float) -> tuple[object, int]:
+    """The control: keep pre-training the base on fresh batches (another seed) at a small
+    constant learning rate for ``minutes``; the EMA weights are evaluated, as for the base."""
+    import lightning as L
+
+    from components.world.pretrain import PretrainModule
+
+    params = project.params
+    cfg = params.pretrain.model_copy(update={"lr": 1e-4, "warmup_steps": 1, "steps": 10**6})
+    params = params.model_copy(update={"seed": params.seed + 1, "pretrain": cfg})
+    module = PretrainModule(models.load_pipeline(models.resolve(project, "base")), params)
+    trainer = L.Trainer(max_time={"minutes": minutes}, max_steps=-1, accelerator="cpu", logger=False,
+                        enable_checkpointing=False, enable_model_summary=False)
+    trainer.fit(module, torch.utils.data.DataLoader(range(10**6), batch_size=1))
+    return module.ema_pipeline(), trainer.global_step
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--method", choices=["d3po", "prdp", "reward_weighted", "diffusion_dpo"], default="d3po")
+    ap.add_argument("--images-per-prompt", type=int, default=8)
+    ap.add_argument("--set", action="append", default=[], help="params override, e.g. finetune.d3po.lr=1e-4")
+    ap.add_argument("--control", type=float, default=None, help="continue pre-training for this many minutes")
+    ap.add_argument("--scratch", default=str(REPO / ".aligndiff" / "bench" / "efficacy"))
+    args = ap.parse_args()
+
+    overrides = [f"generate.images_per_prompt={args.images_per_prompt}", f"finetune.method={args.method}", *args.set]
+    project = scratch_project(Path(args.scratch), overrides)
+    params = project.params
+    torch.set_num_threads(params.finetune.threads)
+    base = models.load_pipeline(models.resolve(project, "base"))
+    base_alignment = alignment(base, params, seed=12345)
+
+    start = time.monotonic()
+    if args.control is not None:
+        pipe, steps = continued_pretraining(project, args.control)
+        result = {"method": "continued_pretraining", "steps": steps}
+    else:
+        result = {"method": args.method, **feedback_round(project, args.method)}
+        pipe = models.load_pipeline(project.path("models/candidate"))
+    result["wall_minutes"] = round((time.monotonic() - start) / 60, 2)
+    result["overrides"] = overrides
+    result["base"] = base_alignment
+    result["tuned"] = alignment(pipe, params, seed=12345)
+    result["gain_points"] = {split: round(100 * (result["tuned"][split]["aligned"] - base_alignment[split]["aligned"]), 1)
+                             for split in ("seen", "unseen")}
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    with open(RESULTS, "a") as fh:
+        fh.write(json.dumps(result, default=str) + "\n")
+    print(json.dumps({k: result[k] for k in ("method", "wall_minutes", "gain_points")}))
+    print(json.dumps({"base": base_alignment, "tuned": result["tuned"]}))
+
+
+if __name__ == "__main__":
+    main()
