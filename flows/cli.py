@@ -115,7 +115,7 @@ def cmd_annotate(args) -> int:
     if args.action == "push":
         with _progress("push tasks") as progress:
             task = progress.add_task("push", total=args.limit)
-            result = rounds.push_round(project, args.kind, args.k, args.limit, args.seed,
+            result = rounds.push_round(project, args.kind, args.k, args.limit, args.seed, selection=args.select,
                                        on_progress=lambda n: progress.advance(task, n))
     elif args.action == "simulate":
         config = AnnotatorConfig(annotators=args.annotators, coverage=args.coverage, flip_rate=args.flip_rate,
@@ -184,7 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["push", "simulate", "sync", "snapshot"])
     p.add_argument("--kind", choices=["binary", "pairwise", "best_of_k"], default="pairwise")
     p.add_argument("--k", type=int, default=2, help="images per task for best_of_k (2-4)")
-    p.add_argument("--limit", type=int, default=None, help="push: at most this many tasks (random, seeded)")
+    p.add_argument("--limit", type=int, default=None, help="push: at most this many tasks")
+    p.add_argument("--select", choices=["random", "disagreement"], default="random",
+                   help="push: which tasks when limited: seeded random, or where the reward ensemble disagrees most")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--annotators", type=int, default=3, help="simulate: simulated annotators")
     p.add_argument("--coverage", type=int, default=3, help="simulate: annotators per task")

@@ -199,3 +199,30 @@ def test_killed_fine_tune_resumes_to_the_same_model(stack_project, tmp_path):
     resumed = load_file(project.path(finetune_stage.CANDIDATE_OUT) / "pytorch_lora_weights.safetensors")
     assert expected.keys() == resumed.keys()
     assert all(torch.equal(expected[k], resumed[k]) for k in expected)
+
+
+def test_active_selection_pushes_the_tasks_the_ensemble_disagrees_on_most(labelled):
+    from components.annotation import rounds
+
+    if not labelled.path(reward_train.MODEL_OUT).exists():
+        reward_train.train_reward(labelled.params, labelled.root, labelled.object_store())
+    manifest = pd.read_parquet(labelled.path(feedback.GENERATIONS))
+    candidates = rounds.candidate_tasks(manifest, "pairwise")
+    scores = rounds.ensemble_disagreement(labelled, manifest, candidates)
+    assert len(scores) == len(candidates) and (scores >= 0).all() and scores.std() > 0
+
+    chosen = rounds.select_active(candidates, 10, scores, seed=0)
+    threshold = np.sort(scores)[-10]
+    assert len(chosen) == 10 and all(scores[candidates.index(s)] >= threshold for s in chosen)
+
+    result = rounds.push_round(labelled, "pairwise", 2, 10, 0, selection="disagreement")
+    assert result["selection"] == "disagreement" and result["selected"] == 10 and result["created"] == 10
+
+
+def test_active_selection_without_a_reward_model_says_how_to_get_one(stack_project, tmp_path):
+    from components.annotation import rounds
+
+    root = sibling_project(stack_project, tmp_path / "noreward", edit=_tiny)
+    project = Project.load(root)
+    with pytest.raises(UserError, match=r"models/reward: active selection needs a reward model"):
+        rounds.ensemble_disagreement(project, pd.DataFrame(), [])

@@ -1,7 +1,9 @@
 """Annotation rounds from the generations manifest: select, push, simulate, sync, snapshot.
 
-Selection is random and seeded (active selection by reward-model disagreement comes
-with the reward models). Pairwise tasks pair images of one prompt that share x_T, as
+Selection is random and seeded, or active: the tasks the reward model's ensemble
+disagrees on most (binary: spread of the heads' rewards; pairwise and best-of-k: spread
+of the heads' reward differences between the task's images), where a human label
+teaches the most. Pairwise tasks pair images of one prompt that share x_T, as
 D3PO needs; best-of-k groups k images of one prompt; binary tasks are single images.
 """
 
@@ -45,11 +47,58 @@ def select(specs: list[studio.TaskSpec], limit: int | None, seed: int) -> list[s
     return [specs[i] for i in sorted(order)]
 
 
-def push_round(project: Project, kind: RoundKind, k: int, limit: int | None, seed: int, on_progress=None) -> dict:
+def disagreement(specs: list[studio.TaskSpec], head_rewards: dict[str, np.ndarray]) -> np.ndarray:
+    """Per task, how much the ensemble's heads disagree about it."""
+    out = np.zeros(len(specs))
+    for i, spec in enumerate(specs):
+        r = np.stack([head_rewards[g] for g in spec.generation_ids])  # (images, heads)
+        if len(r) == 1:
+            out[i] = r[0].std()
+        else:
+            a, b = np.triu_indices(len(r), k=1)
+            out[i] = (r[a] - r[b]).std(axis=1).mean()
+    return out
+
+
+def select_active(specs: list[studio.TaskSpec], limit: int | None, scores: np.ndarray, seed: int
+                  ) -> list[studio.TaskSpec]:
+    """The ``limit`` tasks with the highest disagreement (seeded tie-break), in manifest order."""
+    if limit is None or limit >= len(specs):
+        return specs
+    tie_break = np.random.default_rng(seed).random(len(specs))
+    order = np.lexsort((tie_break, -scores))[:limit]
+    return [specs[i] for i in sorted(order)]
+
+
+def ensemble_disagreement(project: Project, manifest: pd.DataFrame, specs: list[studio.TaskSpec]) -> np.ndarray:
+    from components.feedback import Fetcher
+    from components.reward.model import RewardScorer
+
+    relative = "models/reward"
+    path = project.path(relative)
+    if not (path / "config.json").exists():
+        raise UserError(f"{relative}: active selection needs a reward model; build one with `dvc repro train_reward` "
+                        "or use --select random")
+    scorer = RewardScorer.load(path)
+    if scorer.model.config.heads < 2:
+        raise UserError(f"{relative}: a single-head reward model cannot disagree with itself; set reward.ensemble ≥ 2")
+    ids = sorted({g for s in specs for g in s.generation_ids})
+    rows = manifest.set_index("generation_id").loc[ids]
+    rewards = scorer.head_rewards(Fetcher(project.object_store()).images(list(rows["image_key"])), list(rows["prompt"]))
+    return disagreement(specs, dict(zip(ids, rewards)))
+
+
+def push_round(project: Project, kind: RoundKind, k: int, limit: int | None, seed: int, on_progress=None,
+               selection: str = "random") -> dict:
     manifest_path = project.path(MANIFEST_OUT)
     if not manifest_path.exists():
         raise UserError(f"{manifest_path}: no generations to label; run `dvc repro generate` first")
-    specs = select(candidate_tasks(pd.read_parquet(manifest_path), kind, k), limit, seed)
+    manifest = pd.read_parquet(manifest_path)
+    candidates = candidate_tasks(manifest, kind, k)
+    if selection == "disagreement":
+        specs = select_active(candidates, limit, ensemble_disagreement(project, manifest, candidates), seed)
+    else:
+        specs = select(candidates, limit, seed)
     if not specs:
         raise UserError(f"{manifest_path}: no {kind} tasks can be formed (check generate.images_per_prompt "
                         "and generate.shared_noise_group)")
@@ -57,7 +106,7 @@ def push_round(project: Project, kind: RoundKind, k: int, limit: int | None, see
     project_id = studio.ensure_project(client, project, kind, k)
     result = studio.push_tasks(client, project, project_id, specs, on_progress=on_progress)
     return {"project_id": project_id, "selected": len(specs), "created": result.created, "skipped": result.skipped,
-            "selection": "random"}
+            "selection": selection}
 
 
 def project_id_for(client, project: Project, kind: RoundKind, k: int) -> int:

@@ -76,14 +76,15 @@ class RewardScorer:
         return self.model(images, self.tokens(prompts))
 
     @torch.no_grad()
-    def score(self, images: np.ndarray, prompts: list[str], batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    def head_rewards(self, images: np.ndarray, prompts: list[str], batch_size: int = 256) -> np.ndarray:
+        """Every head's reward in [0, 1] per uint8 image: (N, heads)."""
+        out = [torch.sigmoid(self.logits(
+            torch.from_numpy(images[start:start + batch_size]).permute(0, 3, 1, 2).float() / 127.5 - 1,
+            prompts[start:start + batch_size])) for start in range(0, len(prompts), batch_size)]
+        return torch.cat(out).numpy() if out else np.zeros((0, self.model.config.heads), np.float32)
+
+    def score(self, images: np.ndarray, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(mean reward, std across heads) per image."""
-        means, stds = [], []
-        for start in range(0, len(prompts), batch_size):
-            x = torch.from_numpy(images[start:start + batch_size]).permute(0, 3, 1, 2).float() / 127.5 - 1
-            r = torch.sigmoid(self.logits(x, prompts[start:start + batch_size]))
-            means.append(r.mean(dim=1))
-            stds.append(r.std(dim=1) if r.shape[1] > 1 else torch.zeros(len(r)))
-        if not means:
-            return np.zeros(0, np.float32), np.zeros(0, np.float32)
-        return torch.cat(means).numpy(), torch.cat(stds).numpy()
+        rewards = self.head_rewards(images, prompts)
+        spread = rewards.std(axis=1, ddof=1) if rewards.shape[1] > 1 else np.zeros(len(rewards), np.float32)
+        return rewards.mean(axis=1), spread
