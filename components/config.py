@@ -279,6 +279,21 @@ class FinetuneParams(_Strict):
     diffusion_dpo: DiffusionDpoParams = DiffusionDpoParams()
 
 
+class EvaluateParams(_Strict):
+    images_per_prompt: int = Field(4, ge=2)  # ≥ 2: diversity compares a prompt's images
+    max_prompts: int | None = Field(None, ge=1)  # None: every eval-split prompt
+    near_copy_distance: float = Field(0.02, ge=0, le=1)  # RMS pixel distance that counts as a copy
+    grid_prompts: int = Field(8, ge=1)  # rows of the report's image grid
+
+
+class GateParams(_Strict):
+    min_win_rate: float = Field(0.5, ge=0, le=1)  # candidate over production, learned reward
+    min_reward_gain: float = 0.0
+    max_diversity_drop: float = Field(0.25, ge=0, le=1)  # relative
+    max_memorization_rate: float = Field(0.05, ge=0, le=1)
+    min_judge_gain: float = 0.0  # world profile: aligned rate, candidate − production
+
+
 class Params(_Strict):
     profile: Literal["world", "sd15", "sdxl"] = "world"
     seed: int = Field(0, ge=0)
@@ -294,6 +309,8 @@ class Params(_Strict):
     validation: ValidateParams = Field(ValidateParams(), alias="validate")
     reward: RewardParams = RewardParams()
     finetune: FinetuneParams = FinetuneParams()
+    evaluation: EvaluateParams = Field(EvaluateParams(), alias="evaluate")
+    gate: GateParams = GateParams()
 
     @model_validator(mode="after")
     def _profile_has_weights(self) -> Params:

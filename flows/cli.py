@@ -36,6 +36,37 @@ def cmd_params(args) -> int:
     return 0
 
 
+def cmd_promote(args) -> int:
+    from components import registry
+
+    card = registry.promote(_project(args), force=args.force, commit=not args.no_commit)
+    print(f"promoted {card['tag']} ({card['method']}, model {card['model_version']}); "
+          f"card: models/production/model_card.md")
+    return 0
+
+
+def cmd_models(args) -> int:
+    from components import registry
+
+    rows = registry.listing(_project(args))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no promoted model yet: production is the base model")
+        return 0
+    print(f"{'':2}{'version':8} {'tag':12} {'method':16} {'win rate':>8} {'judge':>6}  promoted")
+    for r in rows:
+        mark = "* " if r["production"] else "  "
+        print(f"{mark}{r['version']:8} {r['tag']:12} {r['method'] or '':16} {_num(r['win_rate']):>8} "
+              f"{_num(r['judge_aligned']):>6}  {r['promoted_at']}")
+    return 0
+
+
+def _num(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def cmd_validate(args) -> int:
     from components import validate
 
@@ -198,6 +229,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("datasets", nargs="*", metavar="DATASET", help="prompts, generations, labels (default: all)")
     p.add_argument("--full", action="store_true", help="fetch and decode every generation's objects, not a sample")
     p.set_defaults(func=cmd_validate)
+    p = sub.add_parser("promote", help="make the gated candidate production (model card, registry, git tag)")
+    p.add_argument("--force", action="store_true", help="promote although the gate failed (recorded in the card)")
+    p.add_argument("--no-commit", action="store_true", help="do not commit and tag the promotion in git")
+    p.set_defaults(func=cmd_promote)
+    p = sub.add_parser("models", help="model registry: `models list` shows versions and which is production")
+    p.add_argument("action", choices=["list"])
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_models)
     sub.add_parser("demo", help="start the services and run the pipeline through Prefect").set_defaults(
         func=cmd_demo)
     return parser

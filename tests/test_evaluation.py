@@ -1,0 +1,131 @@
+"""evaluate → gate → promote on a tiny world model, with the real embedded S3 and git."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from components import evaluate, gate, models, registry
+from components.config import GateParams
+from components.errors import UserError
+from components.finetune import stage as finetune_stage
+from components.project import Project
+from components.reward import train as reward_train
+from flows.cli import main as cli
+from tests.test_training_stages import _project
+
+
+@pytest.fixture(scope="module")
+def tuned(stack_project, tmp_path_factory):
+    project = _project(stack_project, tmp_path_factory.mktemp("evaluation") / "project",
+                       **{"evaluate.max_prompts": 4, "evaluate.images_per_prompt": 2, "evaluate.grid_prompts": 3,
+                          "finetune.d3po.lr": 1e-2})
+    for args in (["init", "-q"], ["config", "user.email", "t@example.org"], ["config", "user.name", "t"]):
+        subprocess.run(["git", *args], cwd=project.root, check=True)
+    subprocess.run(["git", "commit", "-q", "--allow-empty", "-m", "start"], cwd=project.root, check=True)
+    subprocess.run(["python", "-m", "dvc", "init", "-q"], cwd=project.root, check=True)
+    reward_train.train_reward(project.params, project.root, project.object_store())
+    finetune_stage.finetune(project)
+    return project
+
+
+def test_evaluate_compares_candidate_and_production_with_the_same_seeds(tuned):
+    metrics = evaluate.evaluate(tuned)
+    assert metrics["prompts"] == 4 and metrics["images_per_model"] == 8
+    assert metrics["production"] == models.model_version(tuned.path("models/base"))
+    assert 0 <= metrics["reward"]["win_rate"] <= 1
+    assert set(metrics["judge"]["candidate"]["all"]) == {"aligned", "count", "colour", "shape", "background"}
+    assert metrics["drift"] > 0  # the fine-tune changed the images
+    assert metrics["memorization"]["near_copy_rate"] == 0
+    assert json.loads(tuned.path(evaluate.METRICS_OUT).read_text()) == metrics
+    grid = Image.open(tuned.path(evaluate.GRID_OUT))
+    assert grid.size == (3 * (32 + 4) * 5, 3 * (32 + 4) * 3)  # 2+gap+2 columns, 3 prompt rows, ×3
+    report = tuned.path(evaluate.REPORT_OUT).read_text()
+    assert "win rate over production" in report and "evaluation_grid.png" in report
+
+
+def test_same_seeds_make_production_against_itself_a_draw(tuned):
+    pipe = models.load_pipeline(tuned.path("models/base"))
+    from components.sampling import SamplerConfig
+
+    config = SamplerConfig(steps=3)
+    a = evaluate.draw(pipe, ["one red circle on a white background"], ["x"], 2, 0, config)
+    b = evaluate.draw(pipe, ["one red circle on a white background"], ["x"], 2, 0, config)
+    assert np.array_equal(a, b) and evaluate.distance(a, b).max() == 0
+    assert evaluate.nearest_distance(a, np.concatenate([b, b]))[0] == 0
+
+
+def _metrics(**changes) -> dict:
+    metrics = {"candidate": "c", "production": "p", "reward": {"win_rate": 0.6, "gain": 0.01},
+               "diversity": {"drop": 0.1}, "memorization": {"near_copy_rate": 0.0}, "judge": {"gain": 0.05}}
+    for dotted, value in changes.items():
+        section, key = dotted.split(".")
+        metrics[section][key] = value
+    return metrics
+
+
+@pytest.mark.parametrize("changes, line", [
+    ({"reward.win_rate": 0.41}, "win rate 0.410 < 0.5 (gate.min_win_rate)"),
+    ({"reward.gain": -0.02}, "reward gain -0.0200 < 0 (gate.min_reward_gain)"),
+    ({"diversity.drop": 0.5}, "diversity drop 0.500 > 0.25 (gate.max_diversity_drop)"),
+    ({"memorization.near_copy_rate": 0.2}, "near-copy rate 0.200 > 0.05 (gate.max_memorization_rate)"),
+    ({"judge.gain": -0.1}, "judge alignment gain -0.100 < 0 (gate.min_judge_gain)"),
+])
+def test_gate_names_each_failed_criterion(changes, line):
+    assert gate.decide(_metrics(), GateParams(), "world")["passed"]
+    decision = gate.decide(_metrics(**changes), GateParams(), "world")
+    assert not decision["passed"] and decision["failures"] == [line]
+
+
+def test_failed_gate_keeps_production_and_says_why(tuned, capsys):
+    evaluate.evaluate(tuned)
+    strict = tuned.params.model_copy(update={"gate": GateParams(min_reward_gain=2.0)})
+    import dataclasses
+
+    decision = gate.gate(dataclasses.replace(tuned, params=strict))
+    assert not decision["passed"]
+    assert cli(["--project", str(tuned.root), "promote"]) == 1
+    err = capsys.readouterr().err
+    assert "the gate did not pass; production stays" in err and "gate.min_reward_gain" in err
+    assert not tuned.path(models.PRODUCTION_POINTER).exists()
+    assert models.resolve(tuned, "production") == tuned.path("models/base")
+
+
+def test_promotion_registers_tags_and_serves_production(tuned, capsys, tmp_path):
+    evaluate.evaluate(tuned)
+    lenient = tuned.params.model_copy(update={"gate": GateParams(min_win_rate=0, min_reward_gain=-1,
+                                                                   max_diversity_drop=1, min_judge_gain=-1)})
+    import dataclasses
+
+    assert gate.gate(dataclasses.replace(tuned, params=lenient))["passed"]
+    candidate_images = models.load_pipeline(tuned.path("models/candidate"))(
+        ["two red circles on a white background"], num_inference_steps=3, seeds=[5])
+
+    assert cli(["--project", str(tuned.root), "promote"]) == 0
+    assert "promoted policy@v1" in capsys.readouterr().out
+    card = json.loads(tuned.path("models/production/card.json").read_text())
+    assert card["method"] == "d3po" and card["prompts_hash"] and card["labels_hash"] and card["code_commit"]
+    assert (tuned.path("models/production/lora/pytorch_lora_weights.safetensors")).exists()
+    assert "# policy@v1" in tuned.path("models/production/model_card.md").read_text()
+    tags = subprocess.run(["git", "tag"], cwd=tuned.root, capture_output=True, text=True).stdout.split()
+    assert tags == ["policy@v1"]
+    tracked = subprocess.run(["git", "show", "--name-only", "--format=", "policy@v1"], cwd=tuned.root,
+                             capture_output=True, text=True).stdout.split()
+    assert set(tracked) >= {"models/production.dvc", "models/production.json", "models/registry.json"}
+
+    production = models.load_pipeline(models.resolve(Project.load(tuned.root), "production"))
+    served = production(["two red circles on a white background"], num_inference_steps=3, seeds=[5])
+    assert np.abs(served.astype(int) - candidate_images).max() <= 1
+
+    assert cli(["--project", str(tuned.root), "models", "list", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["version"], r["tag"], r["production"]) for r in rows] == [("v1", "policy@v1", True)]
+
+    with pytest.raises(UserError, match="re-run `dvc repro gate`"):
+        (tuned.path("models/candidate") / "candidate.json").write_text(
+            (tuned.path("models/candidate") / "candidate.json").read_text().replace('"d3po"', '"edited"'))
+        registry.promote(tuned)
