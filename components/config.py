@@ -294,6 +294,11 @@ class GateParams(_Strict):
     min_judge_gain: float = 0.0  # world profile: aligned rate, candidate − production
 
 
+class RetrainParams(_Strict):
+    min_new_labels: int = Field(200, ge=0)  # annotations since the last snapshot before a retrain runs
+    promote: bool = True  # promote automatically when the gate passes
+
+
 class Params(_Strict):
     profile: Literal["world", "sd15", "sdxl"] = "world"
     seed: int = Field(0, ge=0)
@@ -311,6 +316,7 @@ class Params(_Strict):
     finetune: FinetuneParams = FinetuneParams()
     evaluation: EvaluateParams = Field(EvaluateParams(), alias="evaluate")
     gate: GateParams = GateParams()
+    retrain: RetrainParams = RetrainParams()
 
     @model_validator(mode="after")
     def _profile_has_weights(self) -> Params:

@@ -133,14 +133,12 @@ def promote(project: Project, force: bool = False, commit: bool = True) -> dict:
 
 
 def _record_in_git(project: Project, tag: str) -> None:
+    from components import gitops
     from components.dvc_remote import track
 
     track(project, PRODUCTION_DIR)
-    files = [str(PRODUCTION_DIR) + ".dvc", str(models.PRODUCTION_POINTER), str(REGISTRY), "models/.gitignore"]
-    _git(project, "add", *files)
-    done = _git(project, "commit", "-m", f"Promote {tag}", "--", *files)
-    if done.returncode != 0:
-        raise UserError(f"git commit of the promotion failed: {done.stderr.strip() or done.stdout.strip()}")
+    gitops.commit(project, [str(PRODUCTION_DIR) + ".dvc", str(models.PRODUCTION_POINTER), str(REGISTRY),
+                            "models/.gitignore"], f"Promote {tag}")
     tagged = _git(project, "tag", tag)
     if tagged.returncode != 0:
         raise UserError(f"git tag {tag} failed: {tagged.stderr.strip()}")

@@ -36,6 +36,21 @@ def cmd_params(args) -> int:
     return 0
 
 
+def cmd_retrain(args) -> int:
+    project = _project(args)
+    _use_embedded_prefect(project)
+    from flows.pipeline import retrain
+
+    result = retrain(root=str(project.root), force=args.force)
+    if not result["ran"]:
+        return 0
+    gate = result["gate"]
+    print(f"stages run: {', '.join(result['stages_run']) or 'none (all up to date)'}")
+    print(f"gate: {'PASS' if gate['passed'] else 'FAIL'}" + "".join(f"\n  {f}" for f in gate["failures"]))
+    print(f"promoted: {result['promoted']['tag']}" if result["promoted"] else "production unchanged")
+    return 0
+
+
 def cmd_promote(args) -> int:
     from components import registry
 
@@ -229,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("datasets", nargs="*", metavar="DATASET", help="prompts, generations, labels (default: all)")
     p.add_argument("--full", action="store_true", help="fetch and decode every generation's objects, not a sample")
     p.set_defaults(func=cmd_validate)
+    p = sub.add_parser("retrain", help="run the retrain flow: snapshot, validate, train, evaluate, gate, promote")
+    p.add_argument("--force", action="store_true", help="run even without retrain.min_new_labels new labels")
+    p.set_defaults(func=cmd_retrain)
     p = sub.add_parser("promote", help="make the gated candidate production (model card, registry, git tag)")
     p.add_argument("--force", action="store_true", help="promote although the gate failed (recorded in the card)")
     p.add_argument("--no-commit", action="store_true", help="do not commit and tag the promotion in git")

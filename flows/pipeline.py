@@ -92,3 +92,75 @@ def reproduce(root: str = ".", targets: list[str] | None = None, push_outputs: b
     create_markdown_artifact(key="reproduce-summary", markdown="\n".join(lines),
                              description="What this reproduce run rebuilt, pushed and measured")
     return {"stages_run": stages_run, "skipped": skipped, "pushed": pushed, "metrics": metrics}
+
+
+# ---- retrain ------------------------------------------------------------------------
+
+RETRAIN_RECORD = ["dvc.lock", "data/labels.dvc", "data/.gitignore", "models/.gitignore", "reports"]
+
+
+@task(name="snapshot labels")
+def snapshot_labels(root: str) -> dict:
+    from components.annotation import rounds
+
+    with file_lock(Project.load(root).state_dir / "locks" / "dvc-repo.lock"):
+        return rounds.snapshot_labels(Project.load(root))
+
+
+@task(name="promote")
+def promote(root: str) -> dict:
+    from components import registry
+
+    with file_lock(Project.load(root).state_dir / "locks" / "dvc-repo.lock"):
+        card = registry.promote(Project.load(root))
+    return {k: card[k] for k in ("version", "tag", "method", "model_version")}
+
+
+@task(name="git commit")
+def record(root: str, message: str) -> str | None:
+    from components import gitops
+
+    return gitops.commit(Project.load(root), RETRAIN_RECORD, message)
+
+
+@flow(name="retrain", log_prints=True)
+def retrain(root: str = ".", force: bool = False, push_outputs: bool = True) -> dict:
+    """Snapshot → validate → train_reward → finetune → evaluate → gate (DVC stages) → promote on pass.
+
+    Runs only when ``retrain.min_new_labels`` annotations arrived since the last snapshot
+    (or ``force``). A validation failure stops it with the failed expectations.
+    """
+    import json
+
+    from components.annotation import rounds
+
+    root = str(Path(root).resolve())
+    project = Project.load(root)
+    new = rounds.new_labels(project)
+    needed = project.params.retrain.min_new_labels
+    if new < needed and not force:
+        print(f"{new} new labels since the last snapshot (< retrain.min_new_labels {needed}): nothing to do")
+        return {"ran": False, "new_labels": new}
+    labels = snapshot_labels(root)
+    stages_run = repro(root, ["gate"])
+    decision = json.loads((Path(root) / "reports" / "gate.json").read_text())
+    commit = record(root, f"Retrain on {labels['annotations']} annotations: {', '.join(stages_run) or 'no change'}")
+    promoted = promote(root) if decision["passed"] and project.params.retrain.promote else None
+    pushed = push(root) if push_outputs else 0
+    create_markdown_artifact(key="retrain-report", markdown=retrain_report(root, labels, decision, promoted),
+                             description="Evaluation, gate decision and promotion of this retrain run")
+    return {"ran": True, "new_labels": new, "labels": labels, "stages_run": stages_run, "gate": decision,
+            "promoted": promoted, "commit": commit, "pushed": pushed}
+
+
+def retrain_report(root: str, labels: dict, decision: dict, promoted: dict | None) -> str:
+    reports = Path(root) / "reports"
+    lines = ["# Retrain", "", f"- label snapshot: {labels['annotations']} annotations, {labels['preferences']} "
+             f"preference pairs, agreement {labels['agreement_alpha']}",
+             f"- gate: {'PASS' if decision['passed'] else 'FAIL'}"]
+    lines += [f"  - {line}" for line in decision["failures"]]
+    lines.append(f"- promoted: {promoted['tag']}" if promoted else "- production unchanged")
+    evaluation = reports / "evaluation.md"
+    if evaluation.exists():
+        lines += ["", evaluation.read_text().replace("](evaluation_grid.png)", f"]({reports / 'evaluation_grid.png'})")]
+    return "\n".join(lines)

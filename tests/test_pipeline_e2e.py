@@ -67,3 +67,58 @@ def test_reproduce_builds_every_stage_then_does_nothing(pipeline_project, prefec
     second = reproduce(root=str(pipeline_project))
     assert second["stages_run"] == []
     assert yaml.safe_load((root / "dvc.lock").read_text()) == lock
+
+
+def _retrain_settings(params: dict) -> None:
+    _tiny(params)
+    params["generate"].update(images_per_prompt=4, shared_noise_group=2, splits=["train", "eval"], batch_size=64)
+    # a 4-step base draws nothing the judge calls aligned: no class balance, pairs for the reward
+    params["validate"].update(min_labels=50, min_agreement=0.0, min_good_share=0.0)
+    params["reward"].update(kind="bradley_terry", steps=10, batch_size=16)
+    params["finetune"]["d3po"].update(epochs=1, pairs_per_batch=8, timestep_fraction=0.34)
+    params["evaluate"].update(max_prompts=4, images_per_prompt=2)
+    # a random tiny model cannot beat itself on purpose: let any candidate through
+    params["gate"].update(min_win_rate=0.0, min_reward_gain=-1.0, max_diversity_drop=1.0, min_judge_gain=-1.0)
+    params["retrain"]["min_new_labels"] = 100
+
+
+@pytest.mark.slow
+def test_label_studio_round_then_retrain_promotes_a_tagged_model(stack_project, tmp_path, prefect_api):
+    """generate → Label Studio round (simulated annotators) → sync → retrain flow → policy@v1."""
+    from components.annotation import rounds
+    from components.annotation.simulate import AnnotatorConfig
+    from components.project import Project
+    from flows.pipeline import reproduce, retrain
+    from tests.conftest import sibling_project
+
+    root = sibling_project(stack_project, tmp_path / "loop", edit=_retrain_settings)
+    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    for folder in ("components", "prompts"):
+        shutil.copytree(REPO / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    for args in (["git", "init", "-q"], ["git", "config", "user.email", "ci@example.org"],
+                 ["git", "config", "user.name", "ci"], [sys.executable, "-m", "dvc", "init", "-q"]):
+        run(args, root)
+    from components.dvc_remote import configure_remote
+
+    project = Project.load(root)
+    configure_remote(project)
+    reproduce(root=str(root))
+
+    assert retrain(root=str(root))["ran"] is False  # no labels yet
+    config = AnnotatorConfig(annotators=3, coverage=2, flip_rate=0.1)
+    for kind, limit in (("binary", 100), ("pairwise", 60)):
+        rounds.push_round(project, kind, 2, limit, 0)
+        rounds.simulate_round(project, kind, 2, config)
+        rounds.sync_round(project, kind, 2)
+    assert rounds.new_labels(project) >= 100
+
+    result = retrain(root=str(root))
+    assert result["ran"] and result["gate"]["passed"], result["gate"]
+    assert {"validate", "train_reward", "finetune", "evaluate", "gate"} <= set(result["stages_run"])
+    assert result["promoted"]["tag"] == "policy@v1" and result["commit"]
+    tags = run(["git", "tag"], root).stdout.split()
+    assert tags == ["policy@v1"]
+    committed = run(["git", "show", "--name-only", "--format=", result["commit"]], root).stdout.split()
+    assert "dvc.lock" in committed and "data/labels.dvc" in committed
+    assert rounds.new_labels(project) == 0
+    assert retrain(root=str(root))["ran"] is False

@@ -137,6 +137,16 @@ def snapshot_labels(project: Project) -> dict:
     return report
 
 
+def new_labels(project: Project) -> int:
+    """Submitted annotations in the stores beyond those in the last label snapshot."""
+    import json
+
+    annotations, _ = snap.load_stores(project.state_dir)
+    report = project.path(snap.REPORT_OUT)
+    before = json.loads(report.read_text())["annotations"] if report.exists() else 0
+    return max(0, len(annotations) - before)
+
+
 def per_annotator(project: Project) -> dict[str, int]:
     annotations, _ = snap.load_stores(project.state_dir)
     return annotations["annotator"].value_counts().sort_index().to_dict() if len(annotations) else {}
