@@ -231,8 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", choices=["binary", "pairwise", "best_of_k"], default="pairwise")
     p.add_argument("--k", type=int, default=2, help="images per task for best_of_k (2-4)")
     p.add_argument("--limit", type=int, default=None, help="push: at most this many tasks")
-    p.add_argument("--select", choices=["random", "disagreement"], default="random",
-                   help="push: which tasks when limited: seeded random, or where the reward ensemble disagrees most")
+    p.add_argument("--select", choices=["auto", "random", "disagreement"], default="auto",
+                   help="push, with --limit: where the reward ensemble disagrees most (auto: when models/reward "
+                        "exists), or seeded random")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--annotators", type=int, default=3, help="simulate: simulated annotators")
     p.add_argument("--coverage", type=int, default=3, help="simulate: annotators per task")

@@ -212,11 +212,17 @@ def test_active_selection_pushes_the_tasks_the_ensemble_disagrees_on_most(labell
     assert len(scores) == len(candidates) and (scores >= 0).all() and scores.std() > 0
 
     chosen = rounds.select_active(candidates, 10, scores, seed=0)
-    threshold = np.sort(scores)[-10]
-    assert len(chosen) == 10 and all(scores[candidates.index(s)] >= threshold for s in chosen)
+    assert len(chosen) == 10 and candidates[int(np.argmax(scores))] in chosen
+    top10 = [candidates[i] for i in np.argsort(-scores)[:10]]
+    # spread over prompts: never fewer distinct prompts than the plain top-10
+    assert len({s.prompt for s in chosen}) >= len({s.prompt for s in top10})
+    assert np.mean([scores[candidates.index(s)] for s in chosen]) > scores.mean()
 
-    result = rounds.push_round(labelled, "pairwise", 2, 10, 0, selection="disagreement")
+    result = rounds.push_round(labelled, "pairwise", 2, 10, 0)  # auto: a reward model exists
     assert result["selection"] == "disagreement" and result["selected"] == 10 and result["created"] == 10
+    assert result["expected_information"] > result["random_expected_information"]
+    summaries = sorted((labelled.state_dir / "rounds").glob("*-push-pairwise.json"))
+    assert json.loads(summaries[-1].read_text())["expected_information"] == result["expected_information"]
 
 
 def test_active_selection_without_a_reward_model_says_how_to_get_one(stack_project, tmp_path):

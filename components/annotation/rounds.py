@@ -62,12 +62,26 @@ def disagreement(specs: list[studio.TaskSpec], head_rewards: dict[str, np.ndarra
 
 def select_active(specs: list[studio.TaskSpec], limit: int | None, scores: np.ndarray, seed: int
                   ) -> list[studio.TaskSpec]:
-    """The ``limit`` tasks with the highest disagreement (seeded tie-break), in manifest order."""
+    """``limit`` tasks by disagreement, spread over prompts, in manifest order.
+
+    Greedy: each pick takes the task with the highest disagreement / (1 + tasks already
+    picked for its prompt), so a few confusing prompts cannot take the whole round
+    (the prompt-diversity term of BAL-PM); ties broken by a seeded draw.
+    """
     if limit is None or limit >= len(specs):
         return specs
-    tie_break = np.random.default_rng(seed).random(len(specs))
-    order = np.lexsort((tie_break, -scores))[:limit]
-    return [specs[i] for i in sorted(order)]
+    tie_break = np.random.default_rng(seed).random(len(specs)) * 1e-9
+    picked_per_prompt: dict[str, int] = {}
+    available = np.ones(len(specs), bool)
+    chosen = []
+    for _ in range(limit):
+        penalty = np.array([1 + picked_per_prompt.get(s.prompt, 0) for s in specs])
+        value = np.where(available, scores / penalty + tie_break, -np.inf)
+        best = int(np.argmax(value))
+        chosen.append(best)
+        available[best] = False
+        picked_per_prompt[specs[best].prompt] = picked_per_prompt.get(specs[best].prompt, 0) + 1
+    return [specs[i] for i in sorted(chosen)]
 
 
 def ensemble_disagreement(project: Project, manifest: pd.DataFrame, specs: list[studio.TaskSpec]) -> np.ndarray:
@@ -89,14 +103,22 @@ def ensemble_disagreement(project: Project, manifest: pd.DataFrame, specs: list[
 
 
 def push_round(project: Project, kind: RoundKind, k: int, limit: int | None, seed: int, on_progress=None,
-               selection: str = "random") -> dict:
+               selection: str = "auto") -> dict:
     manifest_path = project.path(MANIFEST_OUT)
     if not manifest_path.exists():
         raise UserError(f"{manifest_path}: no generations to label; run `dvc repro generate` first")
     manifest = pd.read_parquet(manifest_path)
     candidates = candidate_tasks(manifest, kind, k)
+    if selection == "auto":
+        selection = "disagreement" if (project.path("models/reward") / "config.json").exists() else "random"
+    information = {}
     if selection == "disagreement":
-        specs = select_active(candidates, limit, ensemble_disagreement(project, manifest, candidates), seed)
+        scores = ensemble_disagreement(project, manifest, candidates)
+        specs = select_active(candidates, limit, scores, seed)
+        chosen = np.array([scores[i] for i, s in enumerate(candidates) if s in set(specs)])
+        # the ensemble's disagreement is the expected information of a label
+        information = {"expected_information": round(float(chosen.mean()), 4) if len(chosen) else 0.0,
+                       "random_expected_information": round(float(scores.mean()), 4) if len(scores) else 0.0}
     else:
         specs = select(candidates, limit, seed)
     if not specs:
@@ -105,8 +127,23 @@ def push_round(project: Project, kind: RoundKind, k: int, limit: int | None, see
     client = studio.client_for(project)
     project_id = studio.ensure_project(client, project, kind, k)
     result = studio.push_tasks(client, project, project_id, specs, on_progress=on_progress)
-    return {"project_id": project_id, "selected": len(specs), "created": result.created, "skipped": result.skipped,
-            "selection": selection}
+    summary = {"project_id": project_id, "kind": kind, "selected": len(specs), "created": result.created,
+               "skipped": result.skipped, "selection": selection, **information,
+               "prompts": len({s.prompt for s in specs})}
+    write_summary(project, "push", kind, summary)
+    return summary
+
+
+def write_summary(project: Project, action: str, kind: str, summary: dict) -> Path:
+    """A short JSON record of a round step under ``<state>/rounds/`` (what was pushed or synced, when)."""
+    import json
+    import time
+
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    out = project.state_dir / "rounds" / f"{stamp}-{action}-{kind}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"action": action, "kind": kind, "at": stamp, **summary}, indent=2, default=str) + "\n")
+    return out
 
 
 def project_id_for(client, project: Project, kind: RoundKind, k: int) -> int:
@@ -124,8 +161,18 @@ def simulate_round(project: Project, kind: RoundKind, k: int, config: sim.Annota
 
 
 def sync_round(project: Project, kind: RoundKind, k: int) -> dict:
+    """Incremental sync, recorded with agreement, per-annotator counts and rejected results."""
     client = studio.client_for(project)
-    return sync(project, project_id_for(client, project, kind, k), kind, k, client=client)
+    result = sync(project, project_id_for(client, project, kind, k), kind, k, client=client)
+    annotations, _ = snap.load_stores(project.state_dir)
+    of_kind = annotations[annotations.apply(snap.kind_of, axis=1) == kind] if len(annotations) else annotations
+    rejected = rejected_reasons(project)
+    write_summary(project, "sync", kind, {
+        **result, "agreement_alpha": snap.krippendorff_alpha(of_kind) if len(of_kind) else None,
+        "per_annotator": per_annotator(project),
+        "rejected": [{"task_id": r.task_id, "reason": r.reason} for r in rejected.tail(50).itertuples()]
+        if len(rejected) else []})
+    return result
 
 
 def snapshot_labels(project: Project) -> dict:
