@@ -4,8 +4,9 @@
 - sd15 / sdxl: a diffusers checkpoint from a local directory, or a hub repo at a pinned
   40-hex revision, always loaded with ``local_files_only`` (no network at run time).
 
-``production`` resolves through the registry's production pointer once a model has
-been promoted, and to ``base`` until then. A fine-tuned candidate is either a full
+``production`` resolves through the registry's production pointer
+(``models/production.json``: ``base`` until a model is promoted); ``policy@vN`` to that
+registered version (``models/registry/vN``). A fine-tuned candidate is either a full
 pipeline or a LoRA adapter with ``candidate.json`` naming the model it applies to
 (relative to the candidate's directory); loading one loads its base and fuses the adapter.
 """
@@ -21,15 +22,23 @@ from components.project import Project
 
 BASE_DIR = Path("models/base")
 PRODUCTION_POINTER = Path("models/production.json")
+REGISTRY = Path("models/registry.json")
+TAG_PREFIX = "policy@v"
 
 
 def resolve(project: Project, name: str = "base") -> Path | str:
     """A local model directory, or ``repo_id@revision`` for a pinned hub checkpoint."""
     if name == "production":
         pointer = project.path(PRODUCTION_POINTER)
-        if pointer.exists():
-            return project.path(json.loads(pointer.read_text())["path"])
-        name = "base"
+        name = json.loads(pointer.read_text())["model"] if pointer.exists() else "base"
+    if name.startswith(TAG_PREFIX):
+        registry = project.path(REGISTRY)
+        versions = json.loads(registry.read_text())["versions"] if registry.exists() else []
+        match = [v for v in versions if v["tag"] == name]
+        if not match:
+            known = ", ".join(v["tag"] for v in versions) or "none yet"
+            raise UserError(f"{name}: no such registered model (registered: {known})")
+        name = match[0]["path"]
     if name == "base":
         if project.params.profile == "world":
             path = project.path(BASE_DIR)

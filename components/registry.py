@@ -1,15 +1,17 @@
 """Model registry: promotion of a gated candidate, the production pointer, model cards.
 
-- ``models/production/``: the promoted model as a whole diffusers pipeline (a LoRA
-  candidate is fused into its base; the adapter itself is kept under ``lora/`` for
-  ``pipe.load_lora_weights``), with ``model_card.md`` and ``card.json`` next to the weights;
-- ``models/production.json``: the pointer ``aligndiff sample --model production`` and the
-  next fine-tune's ``finetune.init: production`` read;
-- ``models/registry.json``: every promoted version with its metrics;
-- in a git repository: ``models/production`` is versioned with DVC, and the pointer,
-  registry and ``.dvc`` file are committed and tagged ``policy@vN`` — so
-  ``git checkout policy@vN && dvc pull`` gives that model back, and ``dvc repro`` at the
-  tag rebuilds it.
+- ``models/registry/vN/``: every promoted version as it was trained — a LoRA adapter
+  with ``candidate.json`` naming the version it applies to (``../vN-1``, or the base),
+  or a whole pipeline — plus ``model_card.md`` and ``card.json``;
+- ``models/production/``: the current version as one fused diffusers pipeline (fast to
+  load, what ``--model production`` and the next fine-tune start from);
+- ``models/production.json``: the pointer (``"model": "base"`` until the first promotion);
+- ``models/registry.json``: every version with its tag, path and headline metrics.
+
+In a git checkout the promotion is a commit (registry and production versioned with
+DVC, pointer and index in git), and ``policy@vN`` tags the commit the model was *built*
+from — its dvc.lock, labels and code — so
+``git checkout policy@vN && dvc pull && dvc repro`` rebuilds it bit for bit.
 
 A candidate the gate did not pass is never promoted; the gate's reasons are the error.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -30,8 +33,9 @@ from components.gate import DECISION_OUT
 from components.project import Project
 
 PRODUCTION_DIR = Path("models/production")
-REGISTRY = Path("models/registry.json")
-TAG_PREFIX = "policy@v"
+REGISTRY_DIR = Path("models/registry")
+REGISTRY = models.REGISTRY
+TAG_PREFIX = models.TAG_PREFIX
 
 
 def _hash_paths(project: Project, relative: list[str]) -> str | None:
@@ -71,13 +75,18 @@ def model_card(card: dict) -> str:
              f"| near-copy rate | {m['memorization']['near_copy_rate']} |",
              f"| gate | passed: {', '.join(card['gate']['checked'])} |", "",
              "## Fine-tuning parameters", "", "```json", json.dumps(card["finetune_params"], indent=2), "```", "",
-             "Load it: `WorldPipeline.from_pretrained(\"models/production\")` (world) or "
-             "`DiffusionPipeline.from_pretrained(...)`; the adapter alone: `pipe.load_lora_weights(\"models/production/lora\")` "
-             "on the base.", ""]
+             f"Sample it: `aligndiff sample --model {card['tag']} ...`. When it is a LoRA adapter, "
+             f"`pipe.load_lora_weights(\"models/registry/{card['version']}\")` applies it to the model its "
+             "candidate.json names.", ""]
     return "\n".join(lines)
 
 
-def promote(project: Project, force: bool = False, commit: bool = True) -> dict:
+def promote(project: Project, force: bool = False, commit: bool = True, build_commit: str | None = None) -> dict:
+    """Register the gated candidate as the next version and make it production.
+
+    ``build_commit``: the commit the candidate was built from (default: HEAD), which
+    gets the ``policy@vN`` tag.
+    """
     candidate_dir = project.path(CANDIDATE)
     if not models.is_model_dir(candidate_dir):
         raise UserError(f"{CANDIDATE}: no candidate model to promote; run `dvc repro finetune`")
@@ -97,49 +106,72 @@ def promote(project: Project, force: bool = False, commit: bool = True) -> dict:
     tag = f"{TAG_PREFIX}{number}"
     described = json.loads((candidate_dir / "candidate.json").read_text())
     head = _git(project, "rev-parse", "HEAD")
+    build_commit = build_commit or (head.stdout.strip() if head.returncode == 0 else None)
     card = {
         "version": f"v{number}", "tag": tag, "model_version": version, "method": described.get("method"),
         "base": described.get("base"), "base_version": described.get("base_version"),
-        "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "code_commit": head.stdout.strip() if head.returncode == 0 else None,
+        "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "code_commit": build_commit,
         "prompts_hash": _hash_paths(project, ["data/prompts.parquet"]),
         "labels_hash": _hash_paths(project, ["data/labels"]),
         "finetune_params": project.params.finetune.model_dump(), "metrics": json.loads(
             project.path(METRICS_OUT).read_text()), "gate": decision, "forced": force and not decision["passed"],
     }
-
-    out = project.path(PRODUCTION_DIR)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    models.load_pipeline(candidate_dir).save_pretrained(tmp)
-    if (candidate_dir / "pytorch_lora_weights.safetensors").exists():
-        (tmp / "lora").mkdir()
-        shutil.copy(candidate_dir / "pytorch_lora_weights.safetensors", tmp / "lora")
-    (tmp / "card.json").write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
-    (tmp / "model_card.md").write_text(model_card(card))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    version_dir = REGISTRY_DIR / card["version"]
+    _write_atomically(project.path(version_dir), lambda tmp: _register(project, candidate_dir, tmp, existing, card))
+    _write_atomically(project.path(PRODUCTION_DIR), lambda tmp: _fuse(project.path(version_dir), tmp))
 
     entry = {k: card[k] for k in ("version", "tag", "model_version", "method", "promoted_at", "code_commit")}
+    entry["path"] = str(version_dir)
     entry["win_rate"] = card["metrics"].get("reward", {}).get("win_rate")
     entry["judge_aligned"] = card["metrics"].get("judge", {}).get("candidate", {}).get("all", {}).get("aligned")
     project.path(REGISTRY).write_text(json.dumps({"versions": [*existing, entry]}, indent=2) + "\n")
     project.path(models.PRODUCTION_POINTER).write_text(json.dumps(
-        {"version": card["version"], "tag": tag, "path": str(PRODUCTION_DIR), "model_version": version},
+        {"version": card["version"], "tag": tag, "model": str(PRODUCTION_DIR), "model_version": version},
         indent=2) + "\n")
     if commit and (project.root / ".git").exists():
-        _record_in_git(project, tag)
+        _record_in_git(project, tag, build_commit)
     return card
 
 
-def _record_in_git(project: Project, tag: str) -> None:
+def _write_atomically(out: Path, write) -> None:
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+
+
+def _register(project: Project, candidate_dir: Path, out: Path, existing: list[dict], card: dict) -> None:
+    """The candidate as trained; a LoRA's base is re-pointed from production to the version it was."""
+    for item in candidate_dir.iterdir():
+        (shutil.copytree if item.is_dir() else shutil.copy)(item, out / item.name)
+    described = json.loads((candidate_dir / "candidate.json").read_text())
+    if described.get("lora") and "@" not in described["base"]:
+        base = (candidate_dir / described["base"]).resolve()
+        if base == project.path(PRODUCTION_DIR).resolve() and existing:
+            base = project.path(existing[-1]["path"]).resolve()
+        described["base"] = os.path.relpath(base, project.path(REGISTRY_DIR / card["version"]))
+        (out / "candidate.json").write_text(json.dumps(described, indent=2, sort_keys=True) + "\n")
+    (out / "card.json").write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
+    (out / "model_card.md").write_text(model_card(card))
+
+
+def _fuse(version_dir: Path, out: Path) -> None:
+    models.load_pipeline(version_dir).save_pretrained(out)
+    shutil.copy(version_dir / "model_card.md", out / "model_card.md")
+    shutil.copy(version_dir / "card.json", out / "card.json")
+
+
+def _record_in_git(project: Project, tag: str, build_commit: str | None) -> None:
     from components import gitops
     from components.dvc_remote import track
 
+    track(project, REGISTRY_DIR)
     track(project, PRODUCTION_DIR)
-    gitops.commit(project, [str(PRODUCTION_DIR) + ".dvc", str(models.PRODUCTION_POINTER), str(REGISTRY),
-                            "models/.gitignore"], f"Promote {tag}")
-    tagged = _git(project, "tag", tag)
+    gitops.commit(project, [f"{REGISTRY_DIR}.dvc", f"{PRODUCTION_DIR}.dvc", str(models.PRODUCTION_POINTER),
+                            str(REGISTRY), "models/.gitignore"], f"Promote {tag}")
+    tagged = _git(project, "tag", tag, *([build_commit] if build_commit else []))
     if tagged.returncode != 0:
         raise UserError(f"git tag {tag} failed: {tagged.stderr.strip()}")
 

@@ -96,7 +96,8 @@ def reproduce(root: str = ".", targets: list[str] | None = None, push_outputs: b
 
 # ---- retrain ------------------------------------------------------------------------
 
-RETRAIN_RECORD = ["dvc.lock", "data/labels.dvc", "data/.gitignore", "models/.gitignore", "reports"]
+RETRAIN_RECORD = ["dvc.lock", "params.yaml", "data/labels.dvc", "data/.gitignore", "models/.gitignore",
+                  "models/production.json", "reports"]
 
 
 @task(name="snapshot labels")
@@ -108,11 +109,11 @@ def snapshot_labels(root: str) -> dict:
 
 
 @task(name="promote")
-def promote(root: str) -> dict:
+def promote(root: str, build_commit: str | None) -> dict:
     from components import registry
 
     with file_lock(Project.load(root).state_dir / "locks" / "dvc-repo.lock"):
-        card = registry.promote(Project.load(root))
+        card = registry.promote(Project.load(root), build_commit=build_commit)
     return {k: card[k] for k in ("version", "tag", "method", "model_version")}
 
 
@@ -145,7 +146,7 @@ def retrain(root: str = ".", force: bool = False, push_outputs: bool = True) -> 
     stages_run = repro(root, ["gate"])
     decision = json.loads((Path(root) / "reports" / "gate.json").read_text())
     commit = record(root, f"Retrain on {labels['annotations']} annotations: {', '.join(stages_run) or 'no change'}")
-    promoted = promote(root) if decision["passed"] and project.params.retrain.promote else None
+    promoted = promote(root, commit) if decision["passed"] and project.params.retrain.promote else None
     pushed = push(root) if push_outputs else 0
     create_markdown_artifact(key="retrain-report", markdown=retrain_report(root, labels, decision, promoted),
                              description="Evaluation, gate decision and promotion of this retrain run")

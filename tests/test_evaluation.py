@@ -105,21 +105,33 @@ def test_promotion_registers_tags_and_serves_production(tuned, capsys, tmp_path)
     candidate_images = models.load_pipeline(tuned.path("models/candidate"))(
         ["two red circles on a white background"], num_inference_steps=3, seeds=[5])
 
+    build = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tuned.root, capture_output=True, text=True).stdout.strip()
     assert cli(["--project", str(tuned.root), "promote"]) == 0
     assert "promoted policy@v1" in capsys.readouterr().out
     card = json.loads(tuned.path("models/production/card.json").read_text())
-    assert card["method"] == "d3po" and card["prompts_hash"] and card["labels_hash"] and card["code_commit"]
-    assert (tuned.path("models/production/lora/pytorch_lora_weights.safetensors")).exists()
-    assert "# policy@v1" in tuned.path("models/production/model_card.md").read_text()
+    assert card["method"] == "d3po" and card["prompts_hash"] and card["labels_hash"] and card["code_commit"] == build
+    version_dir = tuned.path("models/registry/v1")
+    assert (version_dir / "pytorch_lora_weights.safetensors").exists()
+    assert json.loads((version_dir / "candidate.json").read_text())["base"] == "../../base"
+    assert "# policy@v1" in (version_dir / "model_card.md").read_text()
     tags = subprocess.run(["git", "tag"], cwd=tuned.root, capture_output=True, text=True).stdout.split()
     assert tags == ["policy@v1"]
-    tracked = subprocess.run(["git", "show", "--name-only", "--format=", "policy@v1"], cwd=tuned.root,
-                             capture_output=True, text=True).stdout.split()
-    assert set(tracked) >= {"models/production.dvc", "models/production.json", "models/registry.json"}
+    tagged = subprocess.run(["git", "rev-list", "-n1", "policy@v1"], cwd=tuned.root, capture_output=True,
+                            text=True).stdout.strip()
+    assert tagged == build  # the tag marks the commit the model was built from
+    promotion = subprocess.run(["git", "show", "--name-only", "--format=", "HEAD"], cwd=tuned.root,
+                               capture_output=True, text=True).stdout.split()
+    assert set(promotion) >= {"models/production.dvc", "models/registry.dvc", "models/production.json",
+                              "models/registry.json"}
 
     production = models.load_pipeline(models.resolve(Project.load(tuned.root), "production"))
     served = production(["two red circles on a white background"], num_inference_steps=3, seeds=[5])
     assert np.abs(served.astype(int) - candidate_images).max() <= 1
+    by_tag = models.load_pipeline(models.resolve(Project.load(tuned.root), "policy@v1"))
+    assert np.abs(by_tag(["two red circles on a white background"], num_inference_steps=3, seeds=[5]).astype(int)
+                  - candidate_images).max() <= 1
+    with pytest.raises(UserError, match=r"policy@v9: no such registered model \(registered: policy@v1\)"):
+        models.resolve(tuned, "policy@v9")
 
     assert cli(["--project", str(tuned.root), "models", "list", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)

@@ -27,7 +27,8 @@ def pipeline_project(stack_project, tmp_path):
     from tests.conftest import sibling_project
 
     root = sibling_project(stack_project, tmp_path / "pipeline", edit=_tiny)
-    for name in ("dvc.yaml",):
+    for name in ("dvc.yaml", ".gitignore", "models/production.json"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / name, root / name)
     for folder in ("components", "prompts"):
         shutil.copytree(REPO / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__"))
@@ -93,11 +94,14 @@ def test_label_studio_round_then_retrain_promotes_a_tagged_model(stack_project, 
     from tests.conftest import sibling_project
 
     root = sibling_project(stack_project, tmp_path / "loop", edit=_retrain_settings)
-    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    for name in ("dvc.yaml", ".gitignore", "models/production.json"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / name, root / name)
     for folder in ("components", "prompts"):
         shutil.copytree(REPO / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__"))
     for args in (["git", "init", "-q"], ["git", "config", "user.email", "ci@example.org"],
-                 ["git", "config", "user.name", "ci"], [sys.executable, "-m", "dvc", "init", "-q"]):
+                 ["git", "config", "user.name", "ci"], [sys.executable, "-m", "dvc", "init", "-q"],
+                 ["git", "add", "-A"], ["git", "commit", "-q", "-m", "project"]):
         run(args, root)
     from components.dvc_remote import configure_remote
 
@@ -123,3 +127,14 @@ def test_label_studio_round_then_retrain_promotes_a_tagged_model(stack_project, 
     assert "dvc.lock" in committed and "data/labels.dvc" in committed
     assert rounds.new_labels(project) == 0
     assert retrain(root=str(root))["ran"] is False
+
+    # `git checkout policy@vN && dvc pull && dvc repro` rebuilds the model: every output's md5
+    # in dvc.lock comes out the same when every stage is forced to run again at the tag
+    from components.dvc_remote import dvc_env
+
+    run(["git", "checkout", "-q", "policy@v1"], root)
+    assert json.loads((root / "models" / "production.json").read_text())["model"] == "base"
+    run([sys.executable, "-m", "dvc", "pull", "-q"], root, env=dvc_env(project))
+    lock = (root / "dvc.lock").read_text()
+    run([sys.executable, "-m", "dvc", "repro", "--force", "-q"], root, env=dvc_env(project))
+    assert (root / "dvc.lock").read_text() == lock
