@@ -220,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("init", help="generate credentials and configure the DVC remote").set_defaults(func=cmd_init)
     sub.add_parser("params", help="validate params.yaml and print the resolved values").set_defaults(func=cmd_params)
     p = sub.add_parser("sample", help="sample images from a model for a prompts file")
-    p.add_argument("--model", default="production", help="base, production, a registry tag (policy@vN) or a model directory (default: production)")
+    p.add_argument("--model", default="production",
+                   help="base, production, a registry tag (policy@vN) or a model directory (default: production)")
     p.add_argument("--prompts", required=True, type=Path, help="text file, one prompt per line")
     p.add_argument("--n", type=int, default=4, help="images per prompt")
     p.add_argument("--seed", type=int, default=0)
