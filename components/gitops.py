@@ -15,7 +15,11 @@ def commit(project: Project, paths: list[str], message: str) -> str | None:
     existing = [p for p in paths if project.path(p).exists()]
 
     def git(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["git", *args], cwd=project.root, capture_output=True, text=True)
+        return subprocess.run(["git", *identity, *args], cwd=project.root, capture_output=True, text=True)
+
+    identity: list[str] = []
+    if not git("config", "user.email").stdout.strip():  # a fresh machine: commit as aligndiff, not fail
+        identity = ["-c", "user.name=aligndiff", "-c", "user.email=aligndiff@localhost"]
 
     git("add", "--", *existing)
     if git("diff", "--cached", "--quiet", "--", *existing).returncode == 0:

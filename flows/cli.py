@@ -183,21 +183,55 @@ def cmd_annotate(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    """The whole loop on embedded defaults: base model, a labelled round, retrain, promotion."""
     from infra.stack import Stack
 
     project = _project(args)
     Stack(project).up()
     _use_embedded_prefect(project)
-    from flows.pipeline import reproduce
+    from flows.loop import annotation_round, sync_annotations
+    from flows.pipeline import reproduce, retrain
 
     summary = reproduce(root=str(project.root))
+    annotation_round(root=str(project.root), simulated=True)
+    sync_annotations(root=str(project.root))
+    result = retrain(root=str(project.root))
     print()
     print(f"Prefect UI:       {project.prefect_ui_url}")
     print(f"Label Studio:     {project.label_studio_url}")
-    print(f"stages run:       {', '.join(summary['stages_run']) or 'none (all up to date)'}")
-    print(f"pushed to remote: {summary['pushed']} file(s) -> {project.dvc_remote_url}")
+    print(f"stages run:       {', '.join(summary['stages_run'] + result.get('stages_run', [])) or 'none (all up to date)'}")
     for name, values in summary["metrics"].items():
         print(f"{name + ':':<17} " + ", ".join(f"{k} {v}" for k, v in values.items()))
+    if not result["ran"]:
+        print(f"retrain:          skipped, {result['new_labels']} new labels (retrain.min_new_labels "
+              f"{project.params.retrain.min_new_labels}); `aligndiff retrain --force` runs it anyway")
+    evaluation = project.path("reports/evaluation.json")
+    if evaluation.exists():
+        judge = json.loads(evaluation.read_text()).get("judge")
+        if judge:
+            print(f"judge alignment:  {judge['production']['all']['aligned']:.1%} (production before) -> "
+                  f"{judge['candidate']['all']['aligned']:.1%} (candidate), eval prompts")
+        gate = json.loads(project.path("reports/gate.json").read_text())
+        print("gate:             " + ("PASS" if gate["passed"] else "FAIL: " + "; ".join(gate["failures"])))
+        print(f"report:           {project.path('reports/evaluation.md')}")
+    pointer = json.loads(project.path("models/production.json").read_text())
+    print(f"production:       {pointer['version']} ({pointer['tag'] or 'the base model'})")
+    return 0
+
+
+FLOWS = {"reproduce": ("flows.pipeline", "reproduce"), "retrain": ("flows.pipeline", "retrain"),
+         "annotation_round": ("flows.loop", "annotation_round"), "sync_annotations": ("flows.loop", "sync_annotations")}
+
+
+def cmd_run(args) -> int:
+    """Run one flow now, reporting to the project's Prefect server."""
+    import importlib
+
+    project = _project(args)
+    _use_embedded_prefect(project)
+    module, name = FLOWS[args.flow]
+    result = getattr(importlib.import_module(module), name)(root=str(project.root))
+    print(json.dumps(result, indent=2, default=str))
     return 0
 
 
@@ -246,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("datasets", nargs="*", metavar="DATASET", help="prompts, generations, labels (default: all)")
     p.add_argument("--full", action="store_true", help="fetch and decode every generation's objects, not a sample")
     p.set_defaults(func=cmd_validate)
+    p = sub.add_parser("run", help="run one flow now: " + ", ".join(FLOWS))
+    p.add_argument("flow", choices=list(FLOWS))
+    p.set_defaults(func=cmd_run)
     p = sub.add_parser("retrain", help="run the retrain flow: snapshot, validate, train, evaluate, gate, promote")
     p.add_argument("--force", action="store_true", help="run even without retrain.min_new_labels new labels")
     p.set_defaults(func=cmd_retrain)
@@ -257,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["list"])
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_models)
-    sub.add_parser("demo", help="start the services and run the pipeline through Prefect").set_defaults(
+    sub.add_parser("demo", help="the whole loop on embedded defaults: services, base model, a labelled round, "
+                                "retrain, promotion").set_defaults(
         func=cmd_demo)
     return parser
 

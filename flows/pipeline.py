@@ -146,7 +146,11 @@ def retrain(root: str = ".", force: bool = False, push_outputs: bool = True) -> 
     stages_run = repro(root, ["gate"])
     decision = json.loads((Path(root) / "reports" / "gate.json").read_text())
     commit = record(root, f"Retrain on {labels['annotations']} annotations: {', '.join(stages_run) or 'no change'}")
-    promoted = promote(root, commit) if decision["passed"] and project.params.retrain.promote else None
+    production = json.loads((Path(root) / "models" / "production.json").read_text()).get("model_version") \
+        if (Path(root) / "models" / "production.json").exists() else None
+    already = production == decision["candidate"]  # nothing changed since the last promotion
+    promoted = promote(root, commit) if decision["passed"] and project.params.retrain.promote and not already \
+        else None
     pushed = push(root) if push_outputs else 0
     create_markdown_artifact(key="retrain-report", markdown=retrain_report(root, labels, decision, promoted),
                              description="Evaluation, gate decision and promotion of this retrain run")

@@ -88,8 +88,8 @@ def _retrain_settings(params: dict) -> None:
 def test_label_studio_round_then_retrain_promotes_a_tagged_model(stack_project, tmp_path, prefect_api):
     """generate → Label Studio round (simulated annotators) → sync → retrain flow → policy@v1."""
     from components.annotation import rounds
-    from components.annotation.simulate import AnnotatorConfig
     from components.project import Project
+    from flows.loop import annotation_round, sync_annotations
     from flows.pipeline import reproduce, retrain
     from tests.conftest import sibling_project
 
@@ -110,12 +110,11 @@ def test_label_studio_round_then_retrain_promotes_a_tagged_model(stack_project, 
     reproduce(root=str(root))
 
     assert retrain(root=str(root))["ran"] is False  # no labels yet
-    config = AnnotatorConfig(annotators=3, coverage=2, flip_rate=0.1)
-    for kind, limit in (("binary", 100), ("pairwise", 60)):
-        rounds.push_round(project, kind, 2, limit, 0)
-        rounds.simulate_round(project, kind, 2, config)
-        rounds.sync_round(project, kind, 2)
-    assert rounds.new_labels(project) >= 100
+    pushed = annotation_round(root=str(root), limit=60, simulated=True)
+    assert {k: v["created"] for k, v in pushed["pushed"].items()} == {"binary": 60, "pairwise": 60}
+    synced = sync_annotations(root=str(root))
+    assert synced["binary"]["new"] == 60 * 3 and synced["pairwise"]["new"] == 60 * 3
+    assert rounds.new_labels(project) == 360
 
     result = retrain(root=str(root))
     assert result["ran"] and result["gate"]["passed"], result["gate"]

@@ -1,0 +1,71 @@
+"""The feedback loop's flows besides retraining: annotation rounds and annotation sync. Wiring only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
+
+from components.errors import UserError
+from components.project import Project
+from flows.pipeline import repro
+
+ROUND_KINDS = ("binary", "pairwise")
+
+
+@task(name="push tasks", retries=3, retry_delay_seconds=[5, 30, 120])
+def push(root: str, kind: str, limit: int | None, seed: int) -> dict:
+    from components.annotation import rounds
+
+    return rounds.push_round(Project.load(root), kind, 2, limit, seed)
+
+
+@task(name="simulated annotators", retries=2, retry_delay_seconds=[10, 60])
+def simulate(root: str, kind: str, flip_rate: float) -> dict:
+    from components.annotation import rounds
+    from components.annotation.simulate import AnnotatorConfig
+
+    return rounds.simulate_round(Project.load(root), kind, 2, AnnotatorConfig(flip_rate=flip_rate))
+
+
+@task(name="sync", retries=3, retry_delay_seconds=[5, 30, 120])
+def sync(root: str, kind: str) -> dict | None:
+    from components.annotation import rounds
+
+    try:
+        return rounds.sync_round(Project.load(root), kind, 2)
+    except UserError:  # no Label Studio project of this kind yet: nothing to sync
+        return None
+
+
+@flow(name="annotation_round", log_prints=True)
+def annotation_round(root: str = ".", kinds: list[str] = list(ROUND_KINDS), limit: int | None = None, seed: int = 0,
+                     simulated: bool = False, flip_rate: float = 0.1) -> dict:
+    """curate → generate (DVC, when inputs changed) → select and push tasks for each kind;
+    ``simulated``: the simulated annotators label them right away (demo, tests)."""
+    root = str(Path(root).resolve())
+    stages = repro(root, ["generate"])
+    pushed = {kind: push(root, kind, limit, seed) for kind in kinds}
+    labelled = {kind: simulate(root, kind, flip_rate) for kind in kinds} if simulated else {}
+    lines = ["# Annotation round", "", f"- stages run: {', '.join(stages) or 'none (all up to date)'}"]
+    for kind, result in pushed.items():
+        info = (f", expected information {result['expected_information']} (random: "
+                f"{result['random_expected_information']})" if "expected_information" in result else "")
+        lines.append(f"- {kind}: {result['created']} new tasks of {result['selected']} selected "
+                     f"({result['selection']}{info})")
+    for kind, result in labelled.items():
+        lines.append(f"- {kind}: {result['annotators']} simulated annotators submitted {result['submitted']} labels")
+    create_markdown_artifact(key="annotation-round", markdown="\n".join(lines), description="What this round pushed")
+    return {"stages_run": stages, "pushed": pushed, "simulated": labelled}
+
+
+@flow(name="sync_annotations", log_prints=True)
+def sync_annotations(root: str = ".") -> dict:
+    """Incremental pull of every round kind's Label Studio project into the annotation stores."""
+    root = str(Path(root).resolve())
+    results = {kind: sync(root, kind) for kind in ROUND_KINDS}
+    for kind, result in results.items():
+        print(f"{kind}: " + (f"{result['new']} new, {result['tasks_changed']} tasks changed" if result
+                             else "no project yet"))
+    return results
