@@ -299,6 +299,14 @@ class RetrainParams(_Strict):
     promote: bool = True  # promote automatically when the gate passes
 
 
+class ScheduleParams(_Strict):
+    """Cron schedules of the deployments (`aligndiff deploy`); null = no schedule (run on demand)."""
+    work_pool: str = "aligndiff"
+    sync_annotations: str | None = "*/10 * * * *"
+    annotation_round: str | None = "0 6 * * 1"
+    retrain: str | None = "0 2 * * *"
+
+
 class Params(_Strict):
     profile: Literal["world", "sd15", "sdxl"] = "world"
     seed: int = Field(0, ge=0)
@@ -317,6 +325,7 @@ class Params(_Strict):
     evaluation: EvaluateParams = Field(EvaluateParams(), alias="evaluate")
     gate: GateParams = GateParams()
     retrain: RetrainParams = RetrainParams()
+    schedules: ScheduleParams = ScheduleParams()
 
     @model_validator(mode="after")
     def _profile_has_weights(self) -> Params:

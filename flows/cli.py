@@ -36,6 +36,28 @@ def cmd_params(args) -> int:
     return 0
 
 
+def cmd_deploy(args) -> int:
+    project = _project(args)
+    _use_embedded_prefect(project)
+    from flows.deploy import deploy
+
+    for name, deployment_id in deploy(project).items():
+        cron = getattr(project.params.schedules, name)
+        print(f"{name + ':':<18} {cron or 'on demand':<16} {deployment_id}")
+    print(f"start a worker to run them: aligndiff worker   (pool {project.params.schedules.work_pool})")
+    return 0
+
+
+def cmd_worker(args) -> int:
+    """A process worker for the deployments, in the foreground (Ctrl-C stops it)."""
+    import subprocess
+
+    project = _project(args)
+    _use_embedded_prefect(project)
+    return subprocess.call([sys.executable, "-m", "prefect", "worker", "start", "--pool",
+                            project.params.schedules.work_pool, "--type", "process"], cwd=project.root)
+
+
 def cmd_retrain(args) -> int:
     project = _project(args)
     _use_embedded_prefect(project)
@@ -280,6 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("datasets", nargs="*", metavar="DATASET", help="prompts, generations, labels (default: all)")
     p.add_argument("--full", action="store_true", help="fetch and decode every generation's objects, not a sample")
     p.set_defaults(func=cmd_validate)
+    sub.add_parser("deploy", help="register the scheduled deployments (schedules: in params.yaml)").set_defaults(
+        func=cmd_deploy)
+    sub.add_parser("worker", help="run a worker for the deployments (foreground)").set_defaults(func=cmd_worker)
     p = sub.add_parser("run", help="run one flow now: " + ", ".join(FLOWS))
     p.add_argument("flow", choices=list(FLOWS))
     p.set_defaults(func=cmd_run)

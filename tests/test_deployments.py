@@ -1,0 +1,73 @@
+"""Deployments on the embedded Prefect server: registered with their schedules, and a
+short schedule really creates runs that a process worker completes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from components.project import Project
+from tests.conftest import REPO, sibling_project
+
+
+def _every_minute(params: dict) -> None:
+    params["schedules"].update(work_pool="test-pool", sync_annotations="* * * * *", annotation_round=None,
+                               retrain="0 2 * * *")
+
+
+@pytest.mark.slow
+def test_deployments_are_registered_and_a_short_schedule_completes_runs(stack_project, prefect_api, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    from flows.deploy import deploy
+
+    root = sibling_project(stack_project, tmp_path / "scheduled", edit=_every_minute)
+    shutil.copytree(REPO / "flows", root / "flows", ignore=shutil.ignore_patterns("__pycache__"))
+    project = Project.load(root)
+    ids = deploy(project)
+    assert set(ids) == {"sync_annotations", "annotation_round", "retrain"}
+
+    async def read(name: str):
+        async with get_client() as client:
+            deployment = await client.read_deployment(ids[name])
+            runs = await client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[ids[name]])))
+            return deployment, runs
+
+    deployment, _ = asyncio.run(read("retrain"))
+    assert deployment.work_pool_name == "test-pool" and deployment.parameters == {"root": str(root)}
+    assert [s.schedule.cron for s in deployment.schedules] == ["0 2 * * *"]
+    assert asyncio.run(read("annotation_round"))[0].schedules == []
+
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "PREFECT_HOME": str(project.state_dir / "prefect-worker")}
+    worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", "test-pool",
+                               "--type", "process"], cwd=root, env=env, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline, completed = time.monotonic() + 240, []
+        while time.monotonic() < deadline and not completed:
+            _, runs = asyncio.run(read("sync_annotations"))
+            completed = [r for r in runs if r.state and r.state.is_completed()]
+            failed = [r for r in runs if r.state and r.state.is_failed()]
+            assert not failed, f"scheduled run failed: {failed[0].state.message}"
+            time.sleep(3)
+        assert completed, "no scheduled sync_annotations run completed within 4 minutes"
+    finally:
+        os.killpg(worker.pid, signal.SIGTERM)
+        worker.wait(timeout=30)
+
+    async def task_runs(flow_run_id):
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+        async with get_client() as client:
+            return await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+
+    states = {t.name.split("-")[0]: t.state.type.value for t in asyncio.run(task_runs(completed[0].id))}
+    assert states and set(states.values()) == {"COMPLETED"}
