@@ -295,7 +295,7 @@ class GateParams(_Strict):
 
 
 class RetrainParams(_Strict):
-    min_new_labels: int = Field(200, ge=0)  # annotations since the last snapshot before a retrain runs
+    min_new_labels: int = Field(200, ge=0)  # annotations since the last finished retrain before a retrain runs
     promote: bool = True  # promote automatically when the gate passes
 
 

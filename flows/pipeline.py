@@ -128,7 +128,7 @@ def record(root: str, message: str) -> str | None:
 def retrain(root: str = ".", force: bool = False, push_outputs: bool = True) -> dict:
     """Snapshot → validate → train_reward → finetune → evaluate → gate (DVC stages) → promote on pass.
 
-    Runs only when ``retrain.min_new_labels`` annotations arrived since the last snapshot
+    Runs only when ``retrain.min_new_labels`` annotations arrived since the last finished retrain
     (or ``force``). A validation failure stops it with the failed expectations.
     """
     import json
@@ -140,10 +140,13 @@ def retrain(root: str = ".", force: bool = False, push_outputs: bool = True) -> 
     new = rounds.new_labels(project)
     needed = project.params.retrain.min_new_labels
     if new < needed and not force:
-        print(f"{new} new labels since the last snapshot (< retrain.min_new_labels {needed}): nothing to do")
+        print(f"{new} new labels since the last finished retrain (< retrain.min_new_labels {needed}): nothing to do")
         return {"ran": False, "new_labels": new}
     labels = snapshot_labels(root)
-    stages_run = repro(root, ["gate"])
+    try:
+        stages_run = repro(root, ["gate"])
+    except UserError as exc:
+        raise UserError(_with_validation_failures(root, str(exc))) from None
     decision = json.loads((Path(root) / "reports" / "gate.json").read_text())
     commit = record(root, f"Retrain on {labels['annotations']} annotations: {', '.join(stages_run) or 'no change'}")
     production = json.loads((Path(root) / "models" / "production.json").read_text()).get("model_version") \
@@ -152,10 +155,22 @@ def retrain(root: str = ".", force: bool = False, push_outputs: bool = True) -> 
     promoted = promote(root, commit) if decision["passed"] and project.params.retrain.promote and not already \
         else None
     pushed = push(root) if push_outputs else 0
+    rounds.mark_retrained(project, labels["annotations"])
     create_markdown_artifact(key="retrain-report", markdown=retrain_report(root, labels, decision, promoted),
                              description="Evaluation, gate decision and promotion of this retrain run")
     return {"ran": True, "new_labels": new, "labels": labels, "stages_run": stages_run, "gate": decision,
             "promoted": promoted, "commit": commit, "pushed": pushed}
+
+
+def _with_validation_failures(root: str, message: str) -> str:
+    """A failed validate stage: its failed expectations are the reason worth reading."""
+    import json
+
+    report = Path(root) / "reports" / "validation.json"
+    if "'validate'" not in message or not report.exists():
+        return message
+    failures = [f for d in json.loads(report.read_text())["datasets"].values() for f in d["failures"]]
+    return "\n".join(["validation failed; production unchanged:", *failures]) if failures else message
 
 
 def retrain_report(root: str, labels: dict, decision: dict, promoted: dict | None) -> str:

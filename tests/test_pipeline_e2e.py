@@ -116,6 +116,17 @@ def test_label_studio_round_then_retrain_promotes_a_tagged_model(stack_project, 
     assert synced["binary"]["new"] == 60 * 3 and synced["pairwise"]["new"] == 60 * 3
     assert rounds.new_labels(project) == 360
 
+    # a failed validation stops the flow with the failed expectation as its message
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["validate"]["min_labels"] = 10**6
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    state = retrain(root=str(root), return_state=True)
+    assert state.is_failed()
+    assert "labels: labels 360 < 1e+06 (validate.min_labels)" in state.message
+    assert json.loads((root / "models" / "production.json").read_text())["model"] == "base"
+    params["validate"]["min_labels"] = 50
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
     result = retrain(root=str(root))
     assert result["ran"] and result["gate"]["passed"], result["gate"]
     assert {"validate", "train_reward", "finetune", "evaluate", "gate"} <= set(result["stages_run"])

@@ -184,14 +184,27 @@ def snapshot_labels(project: Project) -> dict:
     return report
 
 
+RETRAINED_MARK = "retrained.json"
+
+
 def new_labels(project: Project) -> int:
-    """Submitted annotations in the stores beyond those in the last label snapshot."""
+    """Submitted annotations in the stores beyond those the last finished retrain used."""
     import json
 
     annotations, _ = snap.load_stores(project.state_dir)
-    report = project.path(snap.REPORT_OUT)
-    before = json.loads(report.read_text())["annotations"] if report.exists() else 0
+    mark = project.state_dir / RETRAINED_MARK
+    before = json.loads(mark.read_text())["annotations"] if mark.exists() else 0
     return max(0, len(annotations) - before)
+
+
+def mark_retrained(project: Project, annotations: int) -> None:
+    """Record that a retrain finished on this many annotations (a failed one leaves the mark alone)."""
+    import json
+
+    mark = project.state_dir / RETRAINED_MARK
+    tmp = mark.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"annotations": annotations}) + "\n")
+    tmp.replace(mark)
 
 
 def per_annotator(project: Project) -> dict[str, int]:
