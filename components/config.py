@@ -226,10 +226,10 @@ class LoraParams(_Strict):
 class D3poParams(_Strict):
     beta: float = Field(0.1, gt=0)
     clip: float = Field(0.1, gt=0, lt=1)  # ratio clamp ε (reference code)
-    lr: float = Field(1e-5, gt=0, le=1)
+    lr: float = Field(1e-4, gt=0, le=1)
     epochs: int = Field(4, ge=1)  # passes over the labelled pairs
     pairs_per_batch: int = Field(8, ge=1)
-    timestep_fraction: float = Field(1.0, gt=0, le=1)  # denoising steps trained per pair
+    timestep_fraction: float = Field(0.25, gt=0, le=1)  # denoising steps trained per pair
 
 
 class PrdpParams(_Strict):
