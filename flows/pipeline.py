@@ -121,7 +121,8 @@ def promote(root: str, build_commit: str | None) -> dict:
 def record(root: str, message: str) -> str | None:
     from components import gitops
 
-    return gitops.commit(Project.load(root), RETRAIN_RECORD, message)
+    with file_lock(Project.load(root).state_dir / "locks" / "dvc-repo.lock"):
+        return gitops.commit(Project.load(root), RETRAIN_RECORD, message)
 
 
 @flow(name="retrain", log_prints=True)

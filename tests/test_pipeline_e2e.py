@@ -88,6 +88,7 @@ def _retrain_settings(params: dict) -> None:
 def test_label_studio_round_then_retrain_promotes_a_tagged_model(stack_project, tmp_path, prefect_api):
     """generate → Label Studio round (simulated annotators) → sync → retrain flow → policy@v1."""
     from components.annotation import rounds
+    from components.dvc_remote import dvc_env
     from components.project import Project
     from flows.loop import annotation_round, sync_annotations
     from flows.pipeline import reproduce, retrain
@@ -138,9 +139,17 @@ def test_label_studio_round_then_retrain_promotes_a_tagged_model(stack_project, 
     assert rounds.new_labels(project) == 0
     assert retrain(root=str(root))["ran"] is False
 
+    # two retrains started together both finish (the DVC repo lock queues them); the repo is consistent
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        states = list(pool.map(lambda _: retrain(root=str(root), force=True, return_state=True), range(2)))
+    assert all(s.is_completed() for s in states), [s.message for s in states]
+    status = run([sys.executable, "-m", "dvc", "status", "-q"], root, env=dvc_env(project))
+    assert status.returncode == 0
+
     # `git checkout policy@vN && dvc pull && dvc repro` rebuilds the model: every output's md5
     # in dvc.lock comes out the same when every stage is forced to run again at the tag
-    from components.dvc_remote import dvc_env
 
     run(["git", "checkout", "-q", "policy@v1"], root)
     assert json.loads((root / "models" / "production.json").read_text())["model"] == "base"
