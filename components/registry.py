@@ -53,6 +53,12 @@ def _git(project: Project, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["git", *args], cwd=project.root, capture_output=True, text=True)
 
 
+def is_production(project: Project, model_version: str) -> bool:
+    """Whether this model version is already production (promoting it again would add nothing)."""
+    pointer = project.path(models.PRODUCTION_POINTER)
+    return pointer.exists() and json.loads(pointer.read_text()).get("model_version") == model_version
+
+
 def versions(project: Project) -> list[dict]:
     path = project.path(REGISTRY)
     return json.loads(path.read_text())["versions"] if path.exists() else []

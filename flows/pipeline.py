@@ -150,11 +150,11 @@ def retrain(root: str = ".", force: bool = False, push_outputs: bool = True) -> 
         raise UserError(_with_validation_failures(root, str(exc))) from None
     decision = json.loads((Path(root) / "reports" / "gate.json").read_text())
     commit = record(root, f"Retrain on {labels['annotations']} annotations: {', '.join(stages_run) or 'no change'}")
-    production = json.loads((Path(root) / "models" / "production.json").read_text()).get("model_version") \
-        if (Path(root) / "models" / "production.json").exists() else None
-    already = production == decision["candidate"]  # nothing changed since the last promotion
-    promoted = promote(root, commit) if decision["passed"] and project.params.retrain.promote and not already \
-        else None
+    from components import registry
+
+    promotable = decision["passed"] and project.params.retrain.promote and \
+        not registry.is_production(project, decision["candidate"])
+    promoted = promote(root, commit) if promotable else None
     pushed = push(root) if push_outputs else 0
     rounds.mark_retrained(project, labels["annotations"])
     create_markdown_artifact(key="retrain-report", markdown=retrain_report(root, labels, decision, promoted),

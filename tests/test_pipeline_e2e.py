@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -21,24 +22,29 @@ def _tiny(params: dict) -> None:
     params["generate"].update(images_per_prompt=2, batch_size=16, splits=["eval"])
 
 
-@pytest.fixture
-def pipeline_project(stack_project, tmp_path):
-    """A git + DVC project with this repository's stage graph and code, on the session's services."""
+def repo_project(stack_project, root, edit) -> Path:
+    """A committed git + DVC project with this repository's stage graph and code, on the session's services."""
+    from components.dvc_remote import configure_remote
+    from components.project import Project
     from tests.conftest import sibling_project
 
-    root = sibling_project(stack_project, tmp_path / "pipeline", edit=_tiny)
+    root = sibling_project(stack_project, root, edit=edit)
     for name in ("dvc.yaml", ".gitignore", "models/production.json"):
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / name, root / name)
     for folder in ("components", "prompts"):
         shutil.copytree(REPO / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__"))
-    run(["git", "init", "-q"], root)
-    run([sys.executable, "-m", "dvc", "init", "-q"], root)
-    from components.dvc_remote import configure_remote
-    from components.project import Project
-
+    for args in (["git", "init", "-q"], ["git", "config", "user.email", "ci@example.org"],
+                 ["git", "config", "user.name", "ci"], [sys.executable, "-m", "dvc", "init", "-q"],
+                 ["git", "add", "-A"], ["git", "commit", "-q", "-m", "project"]):
+        run(args, root)
     configure_remote(Project.load(root))
     return root
+
+
+@pytest.fixture
+def pipeline_project(stack_project, tmp_path):
+    return repo_project(stack_project, tmp_path / "pipeline", _tiny)
 
 
 @pytest.mark.slow
@@ -92,22 +98,9 @@ def test_label_studio_round_then_retrain_promotes_a_tagged_model(stack_project, 
     from components.project import Project
     from flows.loop import annotation_round, sync_annotations
     from flows.pipeline import reproduce, retrain
-    from tests.conftest import sibling_project
 
-    root = sibling_project(stack_project, tmp_path / "loop", edit=_retrain_settings)
-    for name in ("dvc.yaml", ".gitignore", "models/production.json"):
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(REPO / name, root / name)
-    for folder in ("components", "prompts"):
-        shutil.copytree(REPO / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__"))
-    for args in (["git", "init", "-q"], ["git", "config", "user.email", "ci@example.org"],
-                 ["git", "config", "user.name", "ci"], [sys.executable, "-m", "dvc", "init", "-q"],
-                 ["git", "add", "-A"], ["git", "commit", "-q", "-m", "project"]):
-        run(args, root)
-    from components.dvc_remote import configure_remote
-
+    root = repo_project(stack_project, tmp_path / "loop", _retrain_settings)
     project = Project.load(root)
-    configure_remote(project)
     reproduce(root=str(root))
 
     assert retrain(root=str(root))["ran"] is False  # no labels yet
