@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -26,14 +27,26 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 
 def free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
+    """n distinct bindable ports below the kernel's ephemeral range.
+
+    Ports from bind(0) lie inside that range, so while a test has a service stopped
+    an outgoing connection may take its port as a source port (or a reconnecting
+    client may connect to itself), and the service cannot start again.
+    """
+    range_file = Path("/proc/sys/net/ipv4/ip_local_port_range")
+    ephemeral_low = int(range_file.read_text().split()[0]) if range_file.exists() else 32768
+    rng = random.Random()
+    ports: list[int] = []
+    while len(ports) < n:
+        port = rng.randrange(15000, ephemeral_low)
+        if port in ports:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        ports.append(port)
     return ports
 
 
