@@ -63,16 +63,26 @@ def generate_missing(path: Path) -> list[str]:
     if not added and path.exists():
         os.chmod(path, 0o600)
         return []
+    set_values(path, {k: _GENERATORS[k]() for k in added})
+    return added
+
+
+def set_values(path: Path, values: dict[str, str]) -> None:
+    """Set variables in the env file, atomically and with mode 0600; other lines stay."""
     lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else [
-        "# aligndiff service credentials (generated; git-ignored; keep mode 0600)"
+        "# aligndiff service credentials (git-ignored; keep mode 0600)"
     ]
-    lines += [f"{k}={_GENERATORS[k]()}" for k in added]
+    pending = dict(values)
+    for i, line in enumerate(lines):
+        key = line.partition("=")[0].strip().removeprefix("export ").strip()
+        if "=" in line and not line.lstrip().startswith("#") and key in pending:
+            lines[i] = f"{key}={pending.pop(key)}"
+    lines += [f"{k}={v}" for k, v in pending.items()]
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         fh.write("\n".join(lines) + "\n")
     os.replace(tmp, path)
-    return added
 
 
 def load(path: Path) -> Credentials:

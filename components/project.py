@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 from components import credentials
 from components.config import Params, load_params
+
+
+# For external services, the endpoint as seen from where a process runs: a worker
+# inside the team stack's network reaches the services by other names than a laptop.
+S3_ENDPOINT_ENV = "ALIGNDIFF_S3_ENDPOINT_URL"
+PREFECT_API_ENV = "ALIGNDIFF_PREFECT_API_URL"
+LABEL_STUDIO_URL_ENV = "ALIGNDIFF_LABEL_STUDIO_URL"
 
 
 @dataclass(frozen=True)
@@ -38,12 +46,12 @@ class Project:
     @property
     def s3_endpoint(self) -> str | None:
         s3 = self.params.services.s3
-        return f"http://{self.host}:{s3.port}" if s3.embedded else s3.endpoint_url
+        return f"http://{self.host}:{s3.port}" if s3.embedded else os.environ.get(S3_ENDPOINT_ENV) or s3.endpoint_url
 
     @property
     def prefect_api_url(self) -> str:
         p = self.params.services.prefect
-        return f"http://{self.host}:{p.port}/api" if p.embedded else str(p.api_url)
+        return f"http://{self.host}:{p.port}/api" if p.embedded else os.environ.get(PREFECT_API_ENV) or str(p.api_url)
 
     @property
     def prefect_ui_url(self) -> str:
@@ -52,7 +60,7 @@ class Project:
     @property
     def label_studio_url(self) -> str:
         ls = self.params.services.label_studio
-        return f"http://{self.host}:{ls.port}" if ls.embedded else str(ls.url)
+        return f"http://{self.host}:{ls.port}" if ls.embedded else os.environ.get(LABEL_STUDIO_URL_ENV) or str(ls.url)
 
     @cached_property
     def credentials(self) -> credentials.Credentials:

@@ -124,6 +124,25 @@ def cmd_init(args) -> int:
     return 0
 
 
+def cmd_connect(args) -> int:
+    from components.dvc_remote import configure_remote
+    from components.project import Project
+    from components.team import connect
+
+    services = connect(args.project.resolve(), args.compose_env, args.host, args.params)
+    project = Project.load(args.project, args.params)
+    print(f"{args.params}: services are external now (embedded: false)")
+    print(f"  S3:           {services['s3']['endpoint_url']}  (buckets {services['s3']['bucket']}, "
+          f"{services['s3']['dvc_bucket']})")
+    print(f"  Prefect API:  {services['prefect']['api_url']}")
+    print(f"  Label Studio: {services['label_studio']['url']}")
+    print(f"credentials: {project.env_file} (mode 0600)")
+    if (project.root / ".dvc").is_dir():
+        configure_remote(project)
+        print(f"DVC default remote: {project.dvc_remote_url} at {project.s3_endpoint}")
+    return 0
+
+
 def cmd_up(args) -> int:
     from infra.stack import Stack
 
@@ -273,6 +292,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="URL, PID and health of each service (exit 1 if any is down)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
+    p = sub.add_parser("connect", help="point this project at the team stack of infra/compose.yaml "
+                                       "(params.yaml services, .env credentials, DVC remote)")
+    p.add_argument("--compose-env", required=True, type=Path, help="the stack's env file, e.g. infra/.env")
+    p.add_argument("--host", default=None, help="host the stack's ports are reached on (default: its BIND_ADDRESS)")
+    p.set_defaults(func=cmd_connect)
     sub.add_parser("init", help="generate credentials and configure the DVC remote").set_defaults(func=cmd_init)
     sub.add_parser("params", help="validate params.yaml and print the resolved values").set_defaults(func=cmd_params)
     p = sub.add_parser("sample", help="sample images from a model for a prompts file")
