@@ -159,3 +159,19 @@ def test_saved_lora_reproduces_the_fine_tuned_samples(base_dir, tmp_path):
     assert np.array_equal(plain([PROMPT] * 4, num_inference_steps=4, seeds=[7, 8, 9, 10]), tuned)
     fused = load_pipeline(out)  # aligndiff's loader: base from candidate.json, adapter fused
     assert np.abs(fused([PROMPT] * 4, num_inference_steps=4, seeds=[7, 8, 9, 10]).astype(int) - tuned).max() <= 1
+
+
+def test_gradient_checkpointing_changes_memory_not_the_gradients(base_dir):
+    grads = []
+    for checkpointing in (False, True):
+        pipe = fresh(base_dir)
+        cfg = FinetuneParams(method="diffusion_dpo", gradient_checkpointing=checkpointing)
+        traj = sample(pipe, [PROMPT] * 4, [0, 1, 2, 3], SAMPLER)
+        module = methods.DiffusionDPO(pipe, cfg, seed=0, winner=traj.latents[0::2, -1], loser=traj.latents[1::2, -1],
+                                      cond=traj.prompt_embeds[0::2])
+        module.schedule = [np.arange(2)]
+        assert pipe.unet.is_gradient_checkpointing == checkpointing
+        module.training_step(None, 0).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in module.trainable()]))
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-7)

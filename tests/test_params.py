@@ -38,6 +38,13 @@ BAD_CASES = {
     "unpinned revision": (lambda d: d["models"]["sdxl"].update(revision="main"), "models.sdxl: revision must be a 40-character commit hash"),
     "external prefect without url": (lambda d: d["services"]["prefect"].update(embedded=False), "prefect.api_url is required"),
     "bad bucket name": (lambda d: d["services"]["s3"].update(bucket="Has Spaces"), "services.s3.bucket: expected"),
+    "typo in an inactive profile": (lambda d: d["profiles"]["sdxl"]["finetune"]["lora"].update(rnak=4),
+                                    "profiles.sdxl.finetune.lora.rnak: unknown key"),
+    "bad value in a profile": (lambda d: d["profiles"]["sd15"]["finetune"].update(num_nodes=0),
+                               "profiles.sd15.finetune.num_nodes: expected greater than or equal to 1"),
+    "unknown profile overlay": (lambda d: d["profiles"].update(sd3={}), "profiles.sd3: unknown profile"),
+    "profile overriding services": (lambda d: d["profiles"]["sd15"].update(services={"host": "0.0.0.0"}),
+                                    "profiles.sd15.services: cannot be overridden by a profile"),
 }
 
 
@@ -59,6 +66,34 @@ def test_pinned_gpu_profile_is_accepted(tmp_path, capsys):
 
     assert main(["--project", str(_params_with(tmp_path, edit)), "params"]) == 0
     assert '"profile": "sd15"' in capsys.readouterr().out
+
+
+def test_gpu_profile_applies_its_overrides_and_keeps_the_rest(tmp_path):
+    def edit(d):
+        d["profile"] = "sd15"
+        d["models"]["sd15"].update(path="/models/sd15", repo_id=None)
+
+    world = load_params(REPO / "params.yaml")
+    sd15 = load_params(_params_with(tmp_path, edit) / "params.yaml")
+    assert (sd15.finetune.precision, sd15.finetune.gradient_checkpointing, sd15.finetune.lora.rank) == (
+        "bf16-mixed", True, 16)
+    assert sd15.sample.guidance_scale == 5.0 and sd15.finetune.d3po.timestep_fraction == 1.0
+    # keys a profile does not name keep the file's values
+    assert sd15.finetune.d3po.beta == world.finetune.d3po.beta
+    assert sd15.finetune.lora.target_modules == world.finetune.lora.target_modules
+    assert sd15.gate == world.gate and sd15.services == world.services
+    assert world.finetune.precision == "32-true"  # the world profile ignores the overlays
+
+
+def test_dvc_stages_that_read_profile_sections_depend_on_the_overlays():
+    """Editing profiles.sd15.finetune must make `dvc repro` rerun finetune under profile sd15."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    data = yaml.safe_load((REPO / "params.yaml").read_text())
+    overlaid = {key for overlay in data["profiles"].values() for key in overlay}
+    for name, stage in stages.items():
+        keys = {str(p).split(".")[0] for p in stage.get("params", [])}
+        if "profile" in keys and keys & overlaid:
+            assert "profiles" in keys, name
 
 
 def test_local_model_directory_is_accepted_without_revision(tmp_path):

@@ -52,6 +52,8 @@ class PolicyModule(L.LightningModule):
         super().__init__()
         self.pipe, self.unet, self.cfg, self.lr, self.seed = pipe, pipe.unet, cfg, lr, seed
         self.reference = attach_policy(pipe, cfg.lora)
+        if cfg.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
         self.schedule: list[np.ndarray] = []
 
     def batch_index(self, batch_idx: int) -> torch.Tensor:

@@ -247,7 +247,7 @@ def finetune(project: Project) -> dict:
     curve = MetricsCurve(root / CURVE_OUT, CURVE_FIELDS[cfg.method])
     trainer = L.Trainer(
         max_steps=steps, accelerator=cfg.accelerator, devices=cfg.devices, strategy=cfg.strategy,
-        precision=cfg.precision, accumulate_grad_batches=cfg.accumulate_grad_batches,
+        num_nodes=cfg.num_nodes, precision=cfg.precision, accumulate_grad_batches=cfg.accumulate_grad_batches,
         gradient_clip_val=cfg.gradient_clip, logger=False, enable_model_summary=False, num_sanity_val_steps=0,
         callbacks=[L.pytorch.callbacks.ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=every, save_last=True,
                                                        save_top_k=0), curve])
