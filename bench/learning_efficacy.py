@@ -62,7 +62,7 @@ def scratch_project(root: Path, overrides: list[str]) -> Project:
 
 def alignment(pipe, params, seed: int) -> dict:
     splits = split_compositions(params.world.holdout)
-    config = SamplerConfig(**params.sample.model_dump())
+    config = SamplerConfig.from_params(params.sample)
     return {"seen": evaluate(pipe, splits["seen"], 4, seed, config),
             "unseen": evaluate(pipe, splits["unseen"], 8, seed, config)}
 

@@ -168,6 +168,7 @@ class SampleParams(_Strict):
     steps: int = Field(20, ge=1, le=1000)
     guidance_scale: float = Field(3.0, ge=0)
     eta: float = Field(1.0, ge=0, le=1)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # on a GPU; CPUs sample in float32
 
 
 class EvaluateBaseParams(_Strict):

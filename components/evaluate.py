@@ -128,10 +128,11 @@ def evaluate(project: Project) -> dict:
     if not len(prompts):
         raise UserError("data/prompts.parquet: no eval-split prompts to evaluate on")
     texts, ids, per = list(prompts["text"]), list(prompts["id"]), cfg.images_per_prompt
-    config = SamplerConfig(**params.sample.model_dump())
+    config = SamplerConfig.from_params(params.sample)
     production_where = models.resolve(project, "production")
-    images = {"production": draw(models.load_pipeline(production_where), texts, ids, per, params.seed, config),
-              "candidate": draw(models.load_pipeline(candidate_dir), texts, ids, per, params.seed, config)}
+    images = {name: draw(models.on_accelerator(models.load_pipeline(where), params.sample.dtype), texts, ids, per,
+                         params.seed, config)
+              for name, where in (("production", production_where), ("candidate", candidate_dir))}
     expanded = [t for t in texts for _ in range(per)]
 
     metrics: dict = {"prompts": len(texts), "images_per_model": len(expanded),

@@ -129,7 +129,7 @@ def run(project: Project, model: str = "base") -> dict:
 
     where = models.resolve(project, model)
     version = models.model_version(where)
-    sampler = SamplerConfig(**params.sample.model_dump())
+    sampler = SamplerConfig.from_params(params.sample)
     sampler_json = json.dumps(sampler.as_dict(), sort_keys=True)
     jobs = plan(prompts, params.generate.images_per_prompt, params.generate.shared_noise_group, params.seed)
     batch_size = params.generate.batch_size
@@ -143,7 +143,7 @@ def run(project: Project, model: str = "base") -> dict:
 
     pending = [i for i in range(len(batches)) if not (shard_dir / f"batch-{i:05d}.parquet").exists()]
     done_images = sum(len(batches[i]) for i in range(len(batches)) if i not in set(pending))
-    pipe = models.load_pipeline(where) if pending else None
+    pipe = models.on_accelerator(models.load_pipeline(where), params.sample.dtype) if pending else None
     t0, made = time.monotonic(), 0
     progress, task = _progress(len(jobs), done_images)
     with progress:

@@ -91,6 +91,15 @@ def load_pipeline(where: Path | str, dtype=None):
                                              requires_safety_checker=False)
 
 
+def on_accelerator(pipe, dtype: str = "float32"):
+    """The pipeline on the GPU when there is one, in ``dtype``; on CPU it stays float32."""
+    import torch
+
+    if torch.cuda.is_available():
+        return pipe.to("cuda", dtype=getattr(torch, dtype))
+    return pipe
+
+
 def model_version(where: Path | str) -> str:
     """Content hash of a model directory (weights hashed in full when small, else by size)."""
     if isinstance(where, str):

@@ -44,8 +44,8 @@ def run(project: Project, model: str, prompts_file: Path, n: int, seed: int, out
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out}: exists and is not empty; choose another --out")
     torch.set_num_threads(project.params.pretrain.threads)
-    pipe = models.load_pipeline(models.resolve(project, model))
-    config = SamplerConfig(**project.params.sample.model_dump())
+    pipe = models.on_accelerator(models.load_pipeline(models.resolve(project, model)), project.params.sample.dtype)
+    config = SamplerConfig.from_params(project.params.sample)
     jobs = [(i, k, p, derive_seed(seed, f"{i}:{k}")) for i, p in enumerate(prompts) for k in range(n)]
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))

@@ -29,6 +29,11 @@ class SamplerConfig:
     guidance_scale: float = 3.0
     eta: float = 1.0
 
+    @classmethod
+    def from_params(cls, sample) -> SamplerConfig:
+        """From params.yaml's ``sample`` section (its dtype is where the model runs, not the math)."""
+        return cls(steps=sample.steps, guidance_scale=sample.guidance_scale, eta=sample.eta)
+
     def as_dict(self) -> dict:
         return {"sampler": "ddim", "steps": self.steps, "guidance_scale": self.guidance_scale, "eta": self.eta}
 
@@ -138,7 +143,9 @@ def step_log_prob(pipe_or_unet, scheduler, x_t: torch.Tensor, t: int, prev_t: in
                   cond: torch.Tensor, uncond: torch.Tensor, config: SamplerConfig) -> torch.Tensor:
     """Log-prob of a recorded step under a (possibly different) model; differentiable."""
     unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
-    out = guided_output(unet, x_t, t, cond, uncond, config.guidance_scale)
+    device = unet.device  # recorded trajectories live on the CPU; the model may not
+    x_t, x_prev = x_t.to(device), x_prev.to(device)
+    out = guided_output(unet, x_t, t, cond.to(device), uncond.to(device), config.guidance_scale)
     return ddim_step(scheduler, out, t, prev_t, x_t, config.eta, prev_sample=x_prev)[1]
 
 

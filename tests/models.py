@@ -22,8 +22,10 @@ def save_tiny_world_model(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def save_tiny_stable_diffusion(path: Path, seed: int = 0) -> Path:
-    """An SD1.5-shaped pipeline: latent UNet (4×8×8), KL VAE (×4), CLIP text encoder + BPE tokenizer."""
+def save_tiny_stable_diffusion(path: Path, seed: int = 0, image_size: int = 32) -> Path:
+    """An SD1.5-shaped pipeline (latent UNet, KL VAE, CLIP text encoder + BPE tokenizer),
+    tiny in width but at any resolution: image_size 32 → 4×8×8 latents (×4 VAE, tests);
+    512 → 4×64×64 (×8 VAE, SD1.5's real latent size, for the GPU benchmark)."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -36,13 +38,16 @@ def save_tiny_stable_diffusion(path: Path, seed: int = 0) -> Path:
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
         max_position_embeddings=48, projection_dim=32, bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    vae_blocks = 3 if image_size <= 32 else 4  # ×4 or ×8 down-sampling
+    latent_size = image_size // 2 ** (vae_blocks - 1)
     unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        sample_size=latent_size, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(16, 32, 32),
-                        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-                        latent_channels=4, norm_num_groups=8, sample_size=32)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(16, 32, 32, 32)[:vae_blocks],
+                        down_block_types=("DownEncoderBlock2D",) * vae_blocks,
+                        up_block_types=("UpDecoderBlock2D",) * vae_blocks,
+                        latent_channels=4, norm_num_groups=8, sample_size=image_size)
     # Stable Diffusion 1.5's noise schedule.
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                               set_alpha_to_one=False, steps_offset=1)

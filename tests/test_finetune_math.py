@@ -175,3 +175,50 @@ def test_gradient_checkpointing_changes_memory_not_the_gradients(base_dir):
         grads.append(torch.cat([p.grad.flatten() for p in module.trainable()]))
     assert grads[0].abs().sum() > 0
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-7)
+
+
+def test_sd15_profile_settings_train_a_latent_model_with_lightning(tmp_path):
+    """The GPU profile's code path on CPU: LoRA rank 16 + gradient checkpointing, D3PO and PRDP
+    through the stage's Trainer, and the LoRA loads into a stock diffusers pipeline."""
+    import yaml
+    from diffusers import StableDiffusionPipeline
+
+    from components.config import parse_params
+    from components.finetune.stage import trainer_for
+    from tests.models import save_tiny_stable_diffusion
+
+    model_dir = save_tiny_stable_diffusion(tmp_path / "sd15")
+    data = yaml.safe_load(open("params.yaml"))
+    data.update(profile="sd15", models={**data["models"], "sd15": {"path": str(model_dir)}})
+    data["profiles"]["sd15"]["finetune"].update(accelerator="cpu", precision="32-true")
+    data["profiles"]["sd15"]["finetune"]["prdp"].update(prompts_per_epoch=2, images_per_prompt=2, updates_per_epoch=1)
+    params = parse_params(data)
+    sampler = SamplerConfig(steps=3, guidance_scale=params.sample.guidance_scale, eta=1.0)
+    pipe = load_pipeline(model_dir)
+    traj = sample(pipe, ["red circles", "blue squares"] * 2, [0, 1, 2, 3], sampler, init_seeds=[0, 0, 1, 1])
+    pairs = methods.TrajectoryPairs(winner=traj.latents[0::2], loser=traj.latents[1::2], cond=traj.prompt_embeds[0::2],
+                                    uncond=traj.negative_embeds[0::2], timesteps=traj.timesteps)
+
+    def brightness(images, _prompts):
+        return images.reshape(len(images), -1).mean(axis=1) / 255.0
+
+    for module in (methods.D3PO(load_pipeline(model_dir), params.finetune, 0, pairs, sampler),
+                   methods.PRDP(load_pipeline(model_dir), params.finetune, 0, ["red circles", "blue squares"],
+                                brightness, sampler)):
+        module.schedule = [np.arange(2)]
+        assert module.unet.is_gradient_checkpointing
+        lora = {n: p.detach().clone() for n, p in module.unet.named_parameters() if p.requires_grad}
+        trainer, loader = trainer_for(params.finetune, 1, [])
+        trainer.fit(module, loader)
+        assert math.isfinite(float(trainer.callback_metrics["loss"]))
+        assert any(not torch.equal(p, lora[n]) for n, p in module.unet.named_parameters() if n in lora)
+
+    out = tmp_path / "candidate"
+    save_candidate(module.pipe, out, params.finetune.lora, str(model_dir), {"method": "prdp"})
+    stock = StableDiffusionPipeline.from_pretrained(model_dir)
+    x, cond = traj.latents[:1, 0], traj.prompt_embeds[:1]
+    with torch.no_grad():
+        before = stock.unet(x, 500, cond).sample
+        stock.load_lora_weights(out)
+        after = stock.unet(x, 500, cond).sample
+    assert not torch.equal(before, after)  # the trained adapter, in diffusers format, changes the UNet

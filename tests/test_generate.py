@@ -100,6 +100,7 @@ def test_sd15_profile_generates_in_latent_space_with_a_vae(stack_project, tmp_pa
     def edit(params):
         _settings(params)
         params["profile"] = "sd15"
+        params["profiles"]["sd15"]["sample"]["steps"] = 3  # the profile's values win over the sections'
         params["models"]["sd15"] = {"path": str(model_dir), "repo_id": None, "revision": None}
 
     root = sibling_project(stack_project, tmp_path / "sd", edit=edit)

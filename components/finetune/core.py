@@ -105,7 +105,9 @@ class PolicyModule(L.LightningModule):
 def denoising_mse(unet, scheduler, x0: torch.Tensor, cond: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
                   ) -> torch.Tensor:
     """Per-sample MSE of the model's prediction target (ε, v or x0) at timesteps t: the ELBO surrogate."""
-    alpha = scheduler.alphas_cumprod.to(x0.device, torch.float32)[t].view(-1, 1, 1, 1)
+    device = unet.device  # training data lives on the CPU; the model may not
+    x0, cond, t, noise = x0.to(device), cond.to(device), t.to(device), noise.to(device)
+    alpha = scheduler.alphas_cumprod.to(device, torch.float32)[t].view(-1, 1, 1, 1)
     x_t = alpha.sqrt() * x0 + (1 - alpha).sqrt() * noise
     kind = scheduler.config.prediction_type
     target = {"epsilon": noise, "v_prediction": alpha.sqrt() * noise - (1 - alpha).sqrt() * x0, "sample": x0}[kind]

@@ -152,10 +152,11 @@ class PRDP(PolicyModule):
             step_log_prob(self.unet, self.pipe.scheduler, traj.latents[:, i], int(traj.timesteps[i]),
                           int(self.prevs[i]), traj.latents[:, i + 1], traj.prompt_embeds, traj.negative_embeds,
                           self.sampler) for i in steps], dim=1)
-        reference, old = s["ref"][:, steps], traj.log_probs[:, steps]
+        device = policy.device  # the samples were recorded on the CPU
+        reference, old = s["ref"][:, steps].to(device), traj.log_probs[:, steps].to(device)
         ratio, old_ratio = policy - reference, old - reference
         clipped = torch.maximum(torch.minimum(ratio, old_ratio + c.clip), old_ratio - c.clip)
-        target = (s["rewards"][s["a"]] - s["rewards"][s["b"]]) / c.beta
+        target = ((s["rewards"][s["a"]] - s["rewards"][s["b"]]) / c.beta).to(device)
 
         def pair_loss(r):
             r_hat = r.mean(dim=1)
@@ -188,7 +189,7 @@ class RewardWeighted(PolicyModule):
 
     def training_step(self, batch, batch_idx):
         index = self.batch_index(batch_idx)
-        w = self.weights[index]
+        w = self.weights[index].to(self.device)
         feedback = (w * self.random_mse(self.x0[index], self.cond[index], "feedback")).sum() / w.sum().clamp(min=1e-8)
         loss = feedback
         if self.cfg.reward_weighted.pretrain_weight:

@@ -196,7 +196,7 @@ def build_prdp(project: Project, pipe, gens, usable, fetch):
     if len(prompts) < 2:
         raise UserError(f"{feedback.GENERATIONS}: PRDP needs train prompts; found {len(prompts)}")
     module = methods.PRDP(pipe, params.finetune, params.seed, prompts, learned_reward(project),
-                          SamplerConfig(**params.sample.model_dump()))
+                          SamplerConfig.from_params(params.sample))
     module.schedule = [np.zeros(0, int)]  # PRDP samples its own data every epoch
     return module, {"prompts": len(prompts)}
 
@@ -225,6 +225,18 @@ def run_key(params: Params, inputs: list[Path], base_version: str) -> str:
     return digest.hexdigest()[:12]
 
 
+def trainer_for(cfg, steps: int, callbacks: list) -> tuple[L.Trainer, torch.utils.data.DataLoader]:
+    """The Trainer (the engineering: devices, precision, accumulation, clipping) and the step
+    loader; the modules draw their own batches, so the loader only counts micro-batches."""
+    trainer = L.Trainer(
+        max_steps=steps, accelerator=cfg.accelerator, devices=cfg.devices, strategy=cfg.strategy,
+        num_nodes=cfg.num_nodes, precision=cfg.precision, accumulate_grad_batches=cfg.accumulate_grad_batches,
+        gradient_clip_val=cfg.gradient_clip, logger=False, enable_model_summary=False, num_sanity_val_steps=0,
+        enable_checkpointing=any(isinstance(c, L.pytorch.callbacks.ModelCheckpoint) for c in callbacks),
+        callbacks=callbacks)
+    return trainer, torch.utils.data.DataLoader(range(steps * cfg.accumulate_grad_batches), batch_size=1)
+
+
 def finetune(project: Project) -> dict:
     params, root = project.params, project.root
     cfg = params.finetune
@@ -232,7 +244,7 @@ def finetune(project: Project) -> dict:
     L.seed_everything(params.seed, verbose=False)
     where = models.resolve(project, cfg.init)
     base_version = models.model_version(where)
-    pipe = models.load_pipeline(where)
+    pipe = models.on_accelerator(models.load_pipeline(where))  # float32 weights: Lightning's precision casts
     gens = feedback.generations(root)
     usable = usable_generations(gens, params)
     module, data = BUILDERS[cfg.method](project, pipe, gens, usable, feedback.Fetcher(project.object_store()))
@@ -245,13 +257,9 @@ def finetune(project: Project) -> dict:
     if cfg.method == "prdp":  # checkpoint at epoch boundaries: a resumed run re-samples exactly there
         every = math.ceil(every / cfg.prdp.updates_per_epoch) * cfg.prdp.updates_per_epoch
     curve = MetricsCurve(root / CURVE_OUT, CURVE_FIELDS[cfg.method])
-    trainer = L.Trainer(
-        max_steps=steps, accelerator=cfg.accelerator, devices=cfg.devices, strategy=cfg.strategy,
-        num_nodes=cfg.num_nodes, precision=cfg.precision, accumulate_grad_batches=cfg.accumulate_grad_batches,
-        gradient_clip_val=cfg.gradient_clip, logger=False, enable_model_summary=False, num_sanity_val_steps=0,
-        callbacks=[L.pytorch.callbacks.ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=every, save_last=True,
-                                                       save_top_k=0), curve])
-    loader = torch.utils.data.DataLoader(range(steps * cfg.accumulate_grad_batches), batch_size=1)
+    checkpoints = L.pytorch.callbacks.ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=every, save_last=True,
+                                                      save_top_k=0)
+    trainer, loader = trainer_for(cfg, steps, [checkpoints, curve])
     trainer.fit(module, loader, ckpt_path=str(last) if last.exists() else None)
 
     relative_base = where if isinstance(where, str) else os.path.relpath(where, root / CANDIDATE_OUT)

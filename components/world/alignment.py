@@ -65,7 +65,7 @@ def _stage(project) -> str:
     with Progress(TextColumn("evaluate base"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()) as bar:
         task = bar.add_task("eval", total=96 * per)
         metrics = evaluate_splits(pipe, params.world.holdout, per, params.seed,
-                                  SamplerConfig(**params.sample.model_dump()), on_batch=lambda n: bar.advance(task, n))
+                                  SamplerConfig.from_params(params.sample), on_batch=lambda n: bar.advance(task, n))
     out = project.path(BASE_METRICS_OUT)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(metrics, indent=2) + "\n")

@@ -147,7 +147,7 @@ class CurveWriter(L.Callback):
         if step % cfg.probe_every == 0 or step == cfg.steps:
             probe = evaluate_splits(module.ema_pipeline(), self.params.world.holdout,
                                     cfg.probe_images_per_composition, self.params.seed,
-                                    SamplerConfig(**self.params.sample.model_dump()))
+                                    SamplerConfig.from_params(self.params.sample))
             row["align_seen"], row["align_unseen"] = probe["seen"]["aligned"], probe["unseen"]["aligned"]
         self.rows.append(row)
 
