@@ -182,6 +182,8 @@ class GenerateParams(_Strict):
     shared_noise_group: int = Field(2, ge=1)
     batch_size: int = Field(32, ge=1)
     splits: list[Literal["train", "eval"]] = Field(["train", "eval"], min_length=1)
+    # prompt ranges made in parallel by the `generate` flow (one task each); the output does not depend on it
+    shards: int = Field(1, ge=1)
 
     @model_validator(mode="after")
     def _groups(self) -> GenerateParams:

@@ -6,9 +6,15 @@ images that start from the same noise). PNGs and trajectories (safetensors: x_Tâ
 timesteps, per-step log-probs, prompt embeddings) go to the object store under
 content-addressed keys; ``data/generations.parquet`` (DVC-tracked) points at them.
 
-Deterministic from the seeds. Resumable: each finished batch is recorded in a shard
-under the state dir, so a killed run continues where it stopped and yields exactly
-the manifest an uninterrupted run would. Run as a stage: ``python -m components.generate``.
+Deterministic from the seeds. Resumable: each finished batch's manifest rows are
+recorded in the object store (``progress/generate/<run>/``), so a killed run continues
+where it stopped and yields exactly the manifest an uninterrupted run would.
+
+Sharded: ``python -m components.generate --shard I/N`` makes only the I-th of N
+contiguous prompt ranges and records it, without writing the manifest; shards may run
+on different workers (they share only the object store). The stage itself,
+``python -m components.generate``, makes whatever is still missing and writes the
+manifest from the records.
 """
 
 from __future__ import annotations
@@ -16,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -113,7 +118,27 @@ def _progress(total: int, done: int):
     return progress, task
 
 
-def run(project: Project, model: str = "base") -> dict:
+@dataclass(frozen=True)
+class Shard:
+    index: int  # 0-based
+    count: int
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        try:
+            index, count = (int(part) for part in text.split("/"))
+        except ValueError:
+            index, count = -1, 0
+        if not 0 < index <= count:
+            raise UserError(f"--shard {text}: expected I/N with 1 <= I <= N, e.g. 2/4")
+        return cls(index - 1, count)
+
+    def batches(self, total: int) -> range:
+        """This shard's contiguous range of batch indices (batches follow prompt order)."""
+        return range(self.index * total // self.count, (self.index + 1) * total // self.count)
+
+
+def run(project: Project, model: str = "base", shard: Shard | None = None) -> dict:
     import pandas as pd
     import torch
 
@@ -136,16 +161,17 @@ def run(project: Project, model: str = "base") -> dict:
     batches = [jobs[i:i + batch_size] for i in range(0, len(jobs), batch_size)]
     run_key = hashlib.sha256(json.dumps([version, sampler_json, batch_size, [(j.prompt_id, j.seed, j.init_seed)
                                          for j in jobs]]).encode()).hexdigest()[:16]
-    shard_dir = project.state_dir / "cache" / "generate" / run_key
-    shard_dir.mkdir(parents=True, exist_ok=True)
+    progress_prefix = f"progress/generate/{run_key}/"
     store = project.object_store()
     store.ensure_bucket()
 
-    pending = [i for i in range(len(batches)) if not (shard_dir / f"batch-{i:05d}.parquet").exists()]
-    done_images = sum(len(batches[i]) for i in range(len(batches)) if i not in set(pending))
+    recorded = set(store.list(progress_prefix))
+    mine = shard.batches(len(batches)) if shard else range(len(batches))
+    pending = [i for i in mine if _record_key(progress_prefix, i) not in recorded]
+    done_images = sum(len(batches[i]) for i in mine) - sum(len(batches[i]) for i in pending)
     pipe = models.on_accelerator(models.load_pipeline(where), params.sample.dtype) if pending else None
     t0, made = time.monotonic(), 0
-    progress, task = _progress(len(jobs), done_images)
+    progress, task = _progress(sum(len(batches[i]) for i in mine), done_images)
     with progress:
         for index in pending:
             batch = batches[index]
@@ -163,15 +189,20 @@ def run(project: Project, model: str = "base") -> dict:
                              "split": job.split, "model_version": version, "seed": job.seed,
                              "init_seed": job.init_seed, "noise_group": job.noise_group, "sampler": sampler_json,
                              "image_key": image_key, "trajectory_key": traj_key})
-            shard = shard_dir / f"batch-{index:05d}.parquet"
-            pd.DataFrame(rows, columns=MANIFEST_COLUMNS).to_parquet(shard.with_suffix(".tmp"), index=False)
-            shard.with_suffix(".tmp").replace(shard)
+            record = io.BytesIO()
+            pd.DataFrame(rows, columns=MANIFEST_COLUMNS).to_parquet(record, index=False)
+            store.put_named(_record_key(progress_prefix, index), record.getvalue())  # after the objects it names
             made += len(batch)
             rate = made / (time.monotonic() - t0)
             progress.update(task, advance=len(batch), rate=f"{rate:.2f} img/s")
+    seconds = time.monotonic() - t0
+    speed = {"made_this_run": made, "images_per_second": round(made / seconds, 3) if made else None}
+    if shard:
+        return {"shard": f"{shard.index + 1}/{shard.count}", "batches": len(mine),
+                "generations": sum(len(batches[i]) for i in mine), **speed}
 
-    manifest = pd.concat([pd.read_parquet(shard_dir / f"batch-{i:05d}.parquet") for i in range(len(batches))],
-                         ignore_index=True)
+    keys = [_record_key(progress_prefix, i) for i in range(len(batches))]
+    manifest = pd.concat([pd.read_parquet(io.BytesIO(store.get_bytes(k))) for k in keys], ignore_index=True)
     out = project.path(MANIFEST_OUT)
     out.parent.mkdir(parents=True, exist_ok=True)
     manifest.to_parquet(out.with_suffix(".tmp"), index=False)
@@ -182,19 +213,29 @@ def run(project: Project, model: str = "base") -> dict:
     report_path = project.path(REPORT_OUT)
     report_path.parent.mkdir(parents=True, exist_ok=True)
     report_path.write_text(json.dumps(report, indent=2) + "\n")
-    shutil.rmtree(shard_dir, ignore_errors=True)
-    seconds = time.monotonic() - t0
-    return {**report, "made_this_run": made, "images_per_second": round(made / seconds, 3) if made else None}
+    store.delete(keys)
+    return {**report, **speed}
 
 
-def _stage(project: Project) -> str:
-    report = run(project)
-    rate = f", {report['images_per_second']} images/s" if report["images_per_second"] else ""
-    return f"{report['generations']} generations ({report['made_this_run']} made this run{rate})"
+def _record_key(prefix: str, batch: int) -> str:
+    return f"{prefix}batch-{batch:05d}.parquet"
 
 
-def main() -> int:
-    return run_stage("generate", _stage)
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m components.generate")
+    parser.add_argument("--shard", metavar="I/N", help="make only the I-th of N prompt ranges (no manifest)")
+    args = parser.parse_args(argv)
+
+    def stage(project: Project) -> str:
+        shard = Shard.parse(args.shard) if args.shard else None
+        report = run(project, shard=shard)
+        rate = f", {report['images_per_second']} images/s" if report["images_per_second"] else ""
+        what = f"shard {report['shard']}: " if shard else ""
+        return f"{what}{report['generations']} generations ({report['made_this_run']} made this run{rate})"
+
+    return run_stage("generate", stage)
 
 
 if __name__ == "__main__":

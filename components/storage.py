@@ -111,6 +111,21 @@ class ObjectStore:
             raise self._fail(f"put {key}", exc) from None
         return key
 
+    def put_named(self, key: str, data: bytes) -> None:
+        """Store bytes under a chosen key (progress records; content goes through put_bytes)."""
+        try:
+            self._client.put_object(Bucket=self.bucket, Key=key, Body=data)
+        except (ClientError, BotoCoreError) as exc:
+            raise self._fail(f"put {key}", exc) from None
+
+    def delete(self, keys: list[str]) -> None:
+        for start in range(0, len(keys), 1000):  # the API's batch limit
+            try:
+                self._client.delete_objects(Bucket=self.bucket, Delete={
+                    "Objects": [{"Key": k} for k in keys[start:start + 1000]], "Quiet": True})
+            except (ClientError, BotoCoreError) as exc:
+                raise self._fail(f"delete {len(keys)} objects", exc) from None
+
     def put_file(self, path: str | Path, namespace: str, content_type: str | None = None) -> str:
         path = Path(path)
         return self.put_bytes(path.read_bytes(), namespace, path.suffix, content_type)

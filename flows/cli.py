@@ -261,6 +261,7 @@ def cmd_demo(args) -> int:
 
 
 FLOWS = {"reproduce": ("flows.pipeline", "reproduce"), "retrain": ("flows.pipeline", "retrain"),
+         "generate": ("flows.pipeline", "generate"),
          "annotation_round": ("flows.loop", "annotation_round"), "sync_annotations": ("flows.loop", "sync_annotations")}
 
 

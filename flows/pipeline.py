@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from contextlib import chdir, contextmanager
 from pathlib import Path
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_markdown_artifact
 
 from components.dvc_remote import dvc_env
@@ -92,6 +94,47 @@ def reproduce(root: str = ".", targets: list[str] | None = None, push_outputs: b
     create_markdown_artifact(key="reproduce-summary", markdown="\n".join(lines),
                              description="What this reproduce run rebuilt, pushed and measured")
     return {"stages_run": stages_run, "skipped": skipped, "pushed": pushed, "metrics": metrics}
+
+
+# ---- sharded generation -------------------------------------------------------------
+
+@task(name="dvc repro upstream")
+def repro_upstream(root: str, target: str) -> list[str]:
+    """Bring the stages ``target`` depends on up to date (not ``target`` itself)."""
+    from dvc.exceptions import DvcException
+
+    with _dvc_repo(root) as repo:
+        upstream = [s.addressing for s in repo.stage.collect(target, with_deps=True) if s.addressing != target]
+        try:
+            return [stage.addressing for stage in repo.reproduce(targets=upstream)] if upstream else []
+        except DvcException as exc:
+            raise UserError(_one_line(exc)) from None
+
+
+@task(name="generate shard", retries=1, task_run_name="generate shard {shard}")
+def generate_shard(root: str, shard: str) -> str:
+    """One prompt range, in its own process (its own threads, its own GPU if pinned)."""
+    result = subprocess.run([sys.executable, "-m", "components.generate", "--shard", shard], cwd=root,
+                            capture_output=True, text=True)
+    if result.returncode:
+        raise UserError(result.stderr.strip().splitlines()[-1] if result.stderr.strip() else f"shard {shard} failed")
+    return result.stdout.strip().splitlines()[-1]
+
+
+@flow(name="generate", log_prints=True)
+def generate(root: str = ".", shards: int | None = None, push_outputs: bool = True) -> dict:
+    """The generate stage, its prompt ranges made in parallel: one mapped task per shard
+    (generate.shards; on a distributed task runner, one worker each), then `dvc repro
+    generate` merges their records into the manifest and makes anything still missing."""
+    root = str(Path(root).resolve())
+    count = shards or Project.load(root).params.generate.shards
+    upstream = repro_upstream(root, "generate")
+    futures = generate_shard.map(unmapped(root), [f"{i}/{count}" for i in range(1, count + 1)])
+    for summary in futures.result():
+        print(summary)
+    stages_run = repro(root, ["generate"])
+    pushed = push(root) if push_outputs else 0
+    return {"shards": count, "stages_run": [*upstream, *stages_run], "pushed": pushed}
 
 
 # ---- retrain ------------------------------------------------------------------------

@@ -79,19 +79,50 @@ def test_killed_run_resumes_to_the_same_manifest(stack_project, tmp_path):
     project = _world_project(stack_project, tmp_path / "killed", batch_size=4)
     proc = subprocess.Popen([sys.executable, "-m", "components.generate"], cwd=project.root,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    shards = project.state_dir / "cache" / "generate"
+    store = project.object_store()
+
+    def recorded() -> int:
+        return len(list(store.list("progress/generate/")))
+
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and len(list(shards.glob("*/batch-*.parquet"))) < 3:
+    while time.monotonic() < deadline and recorded() < 3:
         assert proc.poll() is None, "generate finished before it could be killed"
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done = len(list(shards.glob("*/batch-*.parquet")))
+    done = recorded()
     assert 3 <= done < 12 and not project.path(generate.MANIFEST_OUT).exists()
 
     report = generate.run(project)
     assert report["made_this_run"] == 48 - 4 * done
     assert pd.read_parquet(project.path(generate.MANIFEST_OUT)).equals(expected)
+    assert recorded() == 0  # the progress records go once the manifest is written
+
+
+def test_shards_on_separate_processes_make_the_manifest_of_one_run(stack_project, tmp_path):
+    reference = _world_project(stack_project, tmp_path / "reference", batch_size=4)
+    generate.run(reference)
+    expected = pd.read_parquet(reference.path(generate.MANIFEST_OUT))
+
+    project = _world_project(stack_project, tmp_path / "sharded", batch_size=4)
+    shards = [subprocess.run([sys.executable, "-m", "components.generate", "--shard", f"{i}/3"], cwd=project.root,
+                             capture_output=True, text=True) for i in (1, 3)]
+    assert all(r.returncode == 0 for r in shards), [r.stderr for r in shards]
+    assert "shard 3/3: 16 generations (16 made this run" in shards[1].stdout
+    assert not project.path(generate.MANIFEST_OUT).exists()  # shards only record their part
+    # the stage makes the missing middle shard and merges: the manifest an unsharded run makes
+    report = generate.run(project)
+    assert report["made_this_run"] == 16
+    assert pd.read_parquet(project.path(generate.MANIFEST_OUT)).equals(expected)
+
+
+@pytest.mark.parametrize("shard", ["0/3", "4/3", "two/3", "1"])
+def test_bad_shard_is_a_one_line_error(stack_project, tmp_path, shard):
+    project = _world_project(stack_project, tmp_path / "p")
+    result = subprocess.run([sys.executable, "-m", "components.generate", "--shard", shard], cwd=project.root,
+                            capture_output=True, text=True)
+    assert result.returncode != 0
+    assert result.stderr.strip() == f"generate: error: --shard {shard}: expected I/N with 1 <= I <= N, e.g. 2/4"
 
 
 def test_sd15_profile_generates_in_latent_space_with_a_vae(stack_project, tmp_path):

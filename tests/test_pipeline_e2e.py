@@ -77,6 +77,31 @@ def test_reproduce_builds_every_stage_then_does_nothing(pipeline_project, prefec
     assert yaml.safe_load((root / "dvc.lock").read_text()) == lock
 
 
+@pytest.mark.slow
+def test_generate_flow_makes_shards_as_parallel_tasks_then_merges(pipeline_project, prefect_api):
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from flows.pipeline import generate, reproduce
+
+    state = generate(root=str(pipeline_project), shards=3, push_outputs=False, return_state=True)
+    result = state.result()
+    assert result["shards"] == 3 and {"curate", "pretrain", "generate"} <= set(result["stages_run"])
+    assert len(pd.read_parquet(pipeline_project / "data" / "generations.parquet")) == 24 * 2
+
+    async def task_runs():
+        async with get_client() as client:
+            return await client.read_task_runs(flow_run_filter=FlowRunFilter(
+                id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+
+    shards = {t.name: t.state.type.value for t in asyncio.run(task_runs()) if t.name.startswith("generate shard")}
+    assert shards == {f"generate shard {i}/3": "COMPLETED" for i in (1, 2, 3)}
+    # the merged manifest is the stage's output: nothing left to rebuild
+    assert "generate" not in reproduce(root=str(pipeline_project), push_outputs=False)["stages_run"]
+
+
 def _retrain_settings(params: dict) -> None:
     _tiny(params)
     params["generate"].update(images_per_prompt=4, shared_noise_group=2, splits=["train", "eval"], batch_size=64)
