@@ -82,6 +82,7 @@ class Stack:
         self.project = project
         self.run_dir = project.state_dir / "run"
         self.log_dir = project.state_dir / "logs"
+        self._launched: dict[str, subprocess.Popen] = {}  # processes this object started
 
     # ---- service definitions -------------------------------------------------
 
@@ -237,6 +238,7 @@ class Stack:
                 service.command, env=service.env, cwd=self.project.state_dir, stdin=subprocess.DEVNULL,
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
+        self._launched[service.name] = proc
         record = {"pid": proc.pid, "port": service.port, "url": service.url, "log": str(log_path),
                   "started_at": time.time()}
         tmp = self._record_path(service.name).with_suffix(".tmp")
@@ -260,7 +262,7 @@ class Stack:
                         progress.update(tasks[name], completed=1,
                                         description=f"{service.title:<15} healthy at {service.url}")
                         del pending[name]
-                    elif not self.running_pid(name):
+                    elif self._exited(name):
                         raise ServiceError(f"{service.title} exited during start-up; {self._log_hint(name)}")
                 if pending and time.monotonic() - t0 > timeout:
                     names = ", ".join(s.title for s in pending.values())
@@ -270,6 +272,12 @@ class Stack:
                     )
                 time.sleep(0.5)
         return timings
+
+    def _exited(self, name: str) -> bool:
+        """A process we just launched is asked directly: until it has exec'd, its /proc
+        cmdline is still ours, which the pid record's check would read as "gone"."""
+        proc = self._launched.get(name)
+        return proc.poll() is not None if proc else not self.running_pid(name)
 
     def _log_hint(self, name: str) -> str:
         log = self.log_dir / f"{name}.log"
