@@ -64,7 +64,9 @@ def patched_params_text(params_path: Path, services: dict) -> str:
     """params.yaml with the service settings replaced; comments and order kept."""
     from ruamel.yaml import YAML
 
-    yaml = YAML()  # round-trip mode
+    yaml = YAML()  # round-trip mode; nulls and quoting as written, so the diff is the change only
+    yaml.preserve_quotes = True
+    yaml.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
     data = yaml.load(params_path.read_text(encoding="utf-8"))
     for name, updates in services.items():
         for key, value in updates.items():

@@ -3,6 +3,7 @@ points a project at the compose stack."""
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
@@ -238,7 +239,10 @@ def test_connect_points_a_project_at_the_compose_stack(docker_compose, tmp_path,
     # nothing else changed; the file's comments stay
     before, after = load_params(REPO / "params.yaml").model_dump(), project.params.model_dump()
     assert {k: v for k, v in before.items() if k != "services"} == {k: v for k, v in after.items() if k != "services"}
-    assert params_text.startswith("# aligndiff parameters")
+    changed = [line for line in difflib.unified_diff((REPO / "params.yaml").read_text().splitlines(),
+                                                     params_text.splitlines(), lineterm="", n=0)
+               if line[:1] in "+-" and not line.startswith(("+++", "---"))]
+    assert len(changed) == 12, changed  # embedded + endpoint of three services, out and in; comments kept
     # inside the stack's network the worker's environment names the services
     monkeypatch.setenv("ALIGNDIFF_S3_ENDPOINT_URL", "http://object-store:9000")
     assert Project.load(project_root).s3_endpoint == compose["worker"]["environment"]["ALIGNDIFF_S3_ENDPOINT_URL"]
