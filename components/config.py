@@ -24,12 +24,13 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-Port = Field(ge=1024, le=65535)
+def Port(default: int):  # noqa: N802 - reads like the Field it returns
+    return Field(default, ge=1024, le=65535)
 
 
 class S3Service(_Strict):
     embedded: bool = True
-    port: int = Port
+    port: int = Port(9100)
     # With embedded: false, the endpoint of an existing S3/MinIO service
     # (None = AWS itself). Credentials always come from the environment.
     endpoint_url: str | None = None
@@ -41,13 +42,13 @@ class S3Service(_Strict):
 
 class PrefectService(_Strict):
     embedded: bool = True
-    port: int = Port
+    port: int = Port(4200)
     api_url: str | None = None  # with embedded: false, e.g. https://prefect.example.org/api
 
 
 class LabelStudioService(_Strict):
     embedded: bool = True
-    port: int = Port
+    port: int = Port(8090)
     url: str | None = None  # with embedded: false
     # Label Studio projects are titled "<project_prefix>: <round kind>", so several
     # aligndiff projects can share one Label Studio server (titles: 50 characters at most).
@@ -60,9 +61,9 @@ class Services(_Strict):
     host: Literal["127.0.0.1", "localhost"] = "127.0.0.1"
     state_dir: str = ".aligndiff"
     startup_timeout_s: float = Field(300, gt=0, le=3600)
-    s3: S3Service = S3Service(port=9100)
-    prefect: PrefectService = PrefectService(port=4200)
-    label_studio: LabelStudioService = LabelStudioService(port=8090)
+    s3: S3Service = S3Service()
+    prefect: PrefectService = PrefectService()
+    label_studio: LabelStudioService = LabelStudioService()
 
     @model_validator(mode="after")
     def _distinct_ports(self) -> Services:

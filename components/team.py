@@ -68,9 +68,10 @@ def patched_params_text(params_path: Path, services: dict) -> str:
     yaml.preserve_quotes = True
     yaml.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
     data = yaml.load(params_path.read_text(encoding="utf-8"))
-    for name, updates in services.items():
+    for name, updates in services.items():  # a minimal params.yaml may leave the sections out
+        section = data.setdefault("services", {}).setdefault(name, {})
         for key, value in updates.items():
-            data["services"][name][key] = value
+            section[key] = value
     out = io.StringIO()
     yaml.dump(data, out)
     return out.getvalue()
