@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from components.credentials import read_env_file
+
 
 REPO = Path(__file__).resolve().parents[1]
 INFRA = REPO / "infra"
@@ -25,17 +27,7 @@ KUBERNETES_VERSION = "1.33.0"
 
 
 def example_env() -> dict[str, str]:
-    from components.credentials import read_env_file
-
-    return {k: v for k, v in _raw_env_lines(INFRA / ".env.example")} | {
-        k: v for k, v in read_env_file(INFRA / ".env.example").items() if v}
-
-
-def _raw_env_lines(path: Path):
-    for line in path.read_text().splitlines():
-        if line.strip() and not line.lstrip().startswith("#"):
-            key, _, value = line.partition("=")
-            yield key.strip(), value.strip()
+    return read_env_file(INFRA / ".env.example")
 
 
 def filled_env(tmp_path: Path, **changes) -> Path:
@@ -112,7 +104,7 @@ def test_compose_refuses_to_start_without_secrets(docker_compose):
 def test_env_example_holds_every_compose_variable_and_no_secret():
     text = (INFRA / "compose.yaml").read_text()
     used = set(re.findall(r"(?<!\$)\$\{(\w+)", text))
-    declared = dict(_raw_env_lines(INFRA / ".env.example"))
+    declared = example_env()
     assert used - declared.keys() == set(), "compose reads variables .env.example does not list"
     assert declared.keys() - used == set(), ".env.example lists variables compose does not read"
     secrets = {k: v for k, v in declared.items() if SECRET_NAME.search(k) and k != "POSTGRES_USER"}
@@ -193,7 +185,7 @@ def test_kubernetes_secret_keys_are_the_env_file_variables():
     """`kubectl create secret generic aligndiff-credentials --from-env-file infra/.env` covers every key used."""
     text = "".join(p.read_text() for p in (INFRA / "k8s").iterdir())
     keys = set(re.findall(r'"?key"?: "?(\w+)"?\}', text))
-    assert keys and keys <= dict(_raw_env_lines(INFRA / ".env.example")).keys(), keys
+    assert keys and keys <= example_env().keys(), keys
 
 
 def test_dockerfile_passes_hadolint():
@@ -229,7 +221,7 @@ def test_connect_points_a_project_at_the_compose_stack(docker_compose, tmp_path,
     assert not any(s.embedded for s in (project.params.services.s3, project.params.services.prefect,
                                         project.params.services.label_studio))
     # credentials land in the git-ignored .env (0600), under aligndiff's names, never in params.yaml
-    env = dict(_raw_env_lines(stack_env))
+    env = read_env_file(stack_env)
     creds = project.credentials
     assert (creds.s3_access_key, creds.s3_secret_key, creds.ls_api_key) == (
         env["S3_ACCESS_KEY"], env["S3_SECRET_KEY"], env["LABEL_STUDIO_API_KEY"])
