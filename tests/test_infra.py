@@ -240,6 +240,29 @@ def test_connect_points_a_project_at_the_compose_stack(docker_compose, tmp_path,
     assert Project.load(project_root).s3_endpoint == compose["worker"]["environment"]["ALIGNDIFF_S3_ENDPOINT_URL"]
 
 
+def test_connect_defaults_match_the_compose_defaults(docker_compose, tmp_path):
+    """With ports and buckets left out of the env file, connect and compose fall back alike."""
+    from components.project import Project
+
+    defaults = dict.fromkeys(["S3_PORT", "PREFECT_PORT", "LABEL_STUDIO_PORT", "S3_BUCKET", "S3_DVC_BUCKET",
+                              "BIND_ADDRESS"])
+    stack_env = filled_env(tmp_path, **defaults)
+    project_root = tmp_path / "project"
+    project_root.mkdir()
+    shutil.copy(REPO / "params.yaml", project_root / "params.yaml")
+    assert _cli("connect", "--compose-env", str(stack_env), cwd=project_root).returncode == 0
+    compose = json.loads(docker_compose(stack_env, "config", "--format", "json").stdout)["services"]
+    project = Project.load(project_root)
+    host_port = {name: (compose[name]["ports"][0]["host_ip"], compose[name]["ports"][0]["published"])
+                 for name in ("object-store", "prefect-server", "label-studio")}
+    assert project.s3_endpoint == "http://{}:{}".format(*host_port["object-store"])
+    assert project.prefect_api_url == "http://{}:{}/api".format(*host_port["prefect-server"])
+    assert project.label_studio_url == "http://{}:{}".format(*host_port["label-studio"])
+    buckets = compose["buckets"]["environment"]
+    assert (project.params.services.s3.bucket, project.params.services.s3.dvc_bucket) == (
+        buckets["S3_BUCKET"], buckets["S3_DVC_BUCKET"])
+
+
 @pytest.mark.parametrize("change, message", [
     ({"LABEL_STUDIO_API_KEY": None}, r"stack.env: LABEL_STUDIO_API_KEY not set"),
     ({"PREFECT_PORT": "http"}, r"stack.env: PREFECT_PORT='http' is not a port number"),
