@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # This machine's pip config lists index mirrors that may be absent; hide that noise.
 QUIET_PIP := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: install demo test up down status clean-state
+.PHONY: install browser demo test up down status clean-state
 
 install: $(STAMP)
 
@@ -23,7 +23,12 @@ $(STAMP): pyproject.toml constraints.txt
 demo: install
 	$(BIN)/aligndiff demo
 
-test: install
+# The UI test drives Debian's Chromium (Playwright would download its own build otherwise).
+browser:
+	@test -x /usr/bin/chromium || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+	  || { echo "make browser: could not install Debian's chromium (needs root: apt-get install chromium)" >&2; exit 1; }
+
+test: install browser
 	$(BIN)/pytest
 
 up down status: install

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from tests import prefect_ui
 from tests.conftest import REPO, run
 
 
@@ -155,6 +156,12 @@ def test_label_studio_round_then_retrain_promotes_a_tagged_model(stack_project, 
     committed = run(["git", "show", "--name-only", "--format=", result["commit"]], root).stdout.split()
     assert "dvc.lock" in committed and "data/labels.dvc" in committed
     assert rounds.new_labels(project) == 0
+
+    # what a reviewer sees: the run in the Prefect UI, its report artifact with the decision
+    seen = prefect_ui.capture_flow_run_report(prefect_api, "retrain", "retrain-report", "promoted: policy@v1")
+    assert seen["run"]["state_type"] == "COMPLETED" and "/artifacts/artifact/" in seen["report_url"]
+    assert all(shot.stat().st_size > 10_000 for shot in seen["screenshots"].values())
+
     assert retrain(root=str(root))["ran"] is False
 
     # two retrains started together both finish (the DVC repo lock queues them); the repo is consistent
