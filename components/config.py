@@ -308,6 +308,7 @@ class RetrainParams(_Strict):
 class ScheduleParams(_Strict):
     """Cron schedules of the deployments (`aligndiff deploy`); null = no schedule (run on demand)."""
     work_pool: str = "aligndiff"
+    gpu_slots: int = Field(1, ge=1)  # GPU stages running at once on one machine (one per GPU)
     sync_annotations: str | None = "*/10 * * * *"
     annotation_round: str | None = "0 6 * * 1"
     retrain: str | None = "0 2 * * *"

@@ -36,11 +36,41 @@ def _dvc_repo(root: str):
         yield repo
 
 
+GPU_LIMIT = "aligndiff-gpu"
+
+
+@contextmanager
+def gpu_slot(root: str, needed: bool | None = None):
+    """One slot of the Prefect global concurrency limit ``aligndiff-gpu`` (schedules.gpu_slots)
+    while GPU work runs, so overlapping flow runs queue for a GPU instead of sharing one
+    until it runs out of memory. ``needed`` defaults to whether this machine has a GPU."""
+    if needed is None:
+        import torch
+
+        needed = torch.cuda.is_available()
+    if not needed:
+        yield
+        return
+    from prefect.client.orchestration import get_client
+    from prefect.concurrency.sync import concurrency
+
+    from prefect.exceptions import ObjectAlreadyExists
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.upsert_global_concurrency_limit_by_name(GPU_LIMIT, Project.load(root).params.schedules.gpu_slots)
+        except ObjectAlreadyExists:  # a concurrent run created it between read and create
+            pass
+    get_run_logger().info("waiting for a GPU slot (%s)", GPU_LIMIT)
+    with concurrency(GPU_LIMIT, occupy=1, strict=True):
+        yield
+
+
 @task(name="dvc repro")
 def repro(root: str, targets: list[str] | None = None) -> list[str]:
     from dvc.exceptions import DvcException
 
-    with _dvc_repo(root) as repo:
+    with _dvc_repo(root) as repo, gpu_slot(root):
         try:
             stages = repo.reproduce(targets=targets or None)
         except DvcException as exc:
@@ -114,8 +144,9 @@ def repro_upstream(root: str, target: str) -> list[str]:
 @task(name="generate shard", retries=1, task_run_name="generate shard {shard}")
 def generate_shard(root: str, shard: str) -> str:
     """One prompt range, in its own process (its own threads, its own GPU if pinned)."""
-    result = subprocess.run([sys.executable, "-m", "components.generate", "--shard", shard], cwd=root,
-                            capture_output=True, text=True)
+    with gpu_slot(root):
+        result = subprocess.run([sys.executable, "-m", "components.generate", "--shard", shard], cwd=root,
+                                capture_output=True, text=True)
     if result.returncode:
         raise UserError(result.stderr.strip().splitlines()[-1] if result.stderr.strip() else f"shard {shard} failed")
     return result.stdout.strip().splitlines()[-1]

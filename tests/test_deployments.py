@@ -1,5 +1,5 @@
 """Deployments on the embedded Prefect server: registered with their schedules, and a
-short schedule really creates runs that a process worker completes."""
+short schedule really creates runs that a process worker completes; GPU work queues for GPU slots."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -75,3 +76,43 @@ def test_deployments_are_registered_and_a_short_schedule_completes_runs(stack_pr
 
     states = {t.name.split("-")[0]: t.state.type.value for t in asyncio.run(task_runs(completed[0].id))}
     assert states and set(states.values()) == {"COMPLETED"}
+
+
+def _gpu_spans(root: Path) -> list[tuple[float, float]]:
+    """Two tasks of one flow run doing 'GPU work' at the same time; when each held the GPU."""
+    from prefect import flow, task
+
+    from flows.pipeline import gpu_slot
+
+    spans = []
+
+    @task
+    def gpu_work(i: int) -> None:
+        with gpu_slot(str(root), needed=True):
+            start = time.monotonic()
+            time.sleep(2)
+            spans.append((start, time.monotonic()))
+
+    @flow
+    def two_gpu_stages():
+        gpu_work.map(range(2)).result()
+
+    two_gpu_stages()
+    return sorted(spans)
+
+
+def test_gpu_work_queues_for_the_configured_gpu_slots(stack_project, prefect_api, tmp_path):
+    from prefect.client.orchestration import get_client
+
+    from flows.pipeline import GPU_LIMIT
+
+    root = sibling_project(stack_project, tmp_path / "one-gpu", lambda p: p["schedules"].update(gpu_slots=1))
+    first, second = _gpu_spans(root)
+    assert second[0] >= first[1], "two runs held the only GPU at once"
+    with get_client(sync_client=True) as client:
+        limit = client.read_global_concurrency_limit_by_name(GPU_LIMIT)
+    assert limit.limit == 1 and limit.active_slots == 0  # released after use
+
+    root = sibling_project(stack_project, tmp_path / "two-gpus", lambda p: p["schedules"].update(gpu_slots=2))
+    first, second = _gpu_spans(root)
+    assert second[0] < first[1], "with two GPUs, two runs go at once"
