@@ -119,7 +119,9 @@ class Stack:
                 is_healthy_response=lambda status, body: status == 200 and body.strip() == b"true",
                 command=[_bin("prefect"), "server", "start", "--host", p.host, "--port", str(svc.prefect.port)],
                 env={**base_env, "PREFECT_HOME": str(state / "prefect"),
-                     "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "true"},
+                     "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "true",
+                     # the API the UI's browser code calls: this server's, not a profile's default
+                     "PREFECT_UI_API_URL": p.prefect_api_url},
                 embedded=svc.prefect.embedded,
             ),
             Service(
