@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import re
 from pathlib import Path
 
 from components.world.alignment import BASE_METRICS_OUT
@@ -18,3 +20,15 @@ def headline_metrics(root: Path) -> dict[str, dict]:
             out[label] = {k: f"{v:.1%}" for k, v in values.items() if k != "images"} | {
                 "images": values.get("images")}
     return out
+
+
+def inline_images(markdown: str, folder: Path) -> str:
+    """Markdown whose relative image links (``![alt](grid.png)``) carry the image itself as a
+    data URI: a Prefect artifact is viewed in a browser that cannot read this machine's files."""
+    def embed(match: re.Match) -> str:
+        path = folder / match.group(2)
+        if not path.is_file():
+            return match.group(0)
+        return f"![{match.group(1)}](data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()})"
+
+    return re.sub(r"!\[([^\]]*)\]\(([^)/:]+\.png)\)", embed, markdown)

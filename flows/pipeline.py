@@ -13,7 +13,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from components.dvc_remote import dvc_env
 from components.errors import UserError
-from components.reports import headline_metrics
+from components.reports import headline_metrics, inline_images
 from components.locking import file_lock
 from components.project import Project
 from components.stage_graph import runnable_stages
@@ -257,5 +257,5 @@ def retrain_report(root: str, labels: dict, decision: dict, promoted: dict | Non
     lines.append(f"- promoted: {promoted['tag']}" if promoted else "- production unchanged")
     evaluation = reports / "evaluation.md"
     if evaluation.exists():
-        lines += ["", evaluation.read_text().replace("](evaluation_grid.png)", f"]({reports / 'evaluation_grid.png'})")]
+        lines += ["", inline_images(evaluation.read_text(), reports)]
     return "\n".join(lines)

@@ -52,8 +52,12 @@ def capture_flow_run_report(api_url: str, flow_name: str, artifact_key: str, exp
             page.screenshot(path=str(shots["run"]), full_page=True)
             page.get_by_text(artifact_key, exact=True).last.click()
             page.get_by_text(expect_text).first.wait_for(timeout=30_000)
+            page.wait_for_load_state("networkidle")
             page.screenshot(path=str(shots["report"]), full_page=True)
             report_url = page.url
+            # (alt text, rendered width): 0 is an image the browser could not load
+            images = page.evaluate("[...document.querySelectorAll('img[alt]')]"
+                                   ".filter(i => i.alt).map(i => [i.alt, i.naturalWidth])")
         finally:
             browser.close()
-    return {"run": run, "report_url": report_url, "screenshots": shots}
+    return {"run": run, "report_url": report_url, "images": images, "screenshots": shots}
