@@ -53,7 +53,6 @@ def gpu_slot(root: str, needed: bool | None = None):
         return
     from prefect.client.orchestration import get_client
     from prefect.concurrency.sync import concurrency
-
     from prefect.exceptions import ObjectAlreadyExists
 
     with get_client(sync_client=True) as client:
