@@ -7,7 +7,6 @@ browser is downloaded. Screenshots go under test-output/ (git-ignored) for a per
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import httpx
@@ -16,8 +15,9 @@ OUTPUT = Path(__file__).resolve().parents[1] / "test-output"
 CHROMIUM = os.environ.get("ALIGNDIFF_CHROMIUM", "/usr/bin/chromium")
 
 
-def chromium() -> str | None:
-    return CHROMIUM if Path(CHROMIUM).exists() else shutil.which("chromium")
+def chromium() -> str:
+    assert Path(CHROMIUM).is_file(), f"no Chromium at {CHROMIUM}: run `make browser` (or set ALIGNDIFF_CHROMIUM)"
+    return CHROMIUM
 
 
 def latest_completed_run(api_url: str, flow_name: str) -> dict:
