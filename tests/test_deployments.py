@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -78,8 +79,10 @@ def test_deployments_are_registered_and_a_short_schedule_completes_runs(stack_pr
     assert states and set(states.values()) == {"COMPLETED"}
 
 
-def _gpu_spans(root: Path) -> list[tuple[float, float]]:
-    """Two tasks of one flow run doing 'GPU work' at the same time; when each held the GPU."""
+def _gpu_spans(root: Path, meet: threading.Barrier | None = None) -> list[tuple[float, float]]:
+    """Two tasks of one flow run doing 'GPU work' at the same time; when each held the GPU.
+    With ``meet``, each task waits there while holding its slot, so the run only finishes
+    if both held a slot at once, however late the task runner starts the second."""
     from prefect import flow, task
 
     from flows.pipeline import gpu_slot
@@ -90,6 +93,8 @@ def _gpu_spans(root: Path) -> list[tuple[float, float]]:
     def gpu_work(i: int) -> None:
         with gpu_slot(str(root), needed=True):
             start = time.monotonic()
+            if meet is not None:
+                meet.wait()
             time.sleep(2)
             spans.append((start, time.monotonic()))
 
@@ -114,5 +119,6 @@ def test_gpu_work_queues_for_the_configured_gpu_slots(stack_project, prefect_api
     assert limit.limit == 1 and limit.active_slots == 0  # released after use
 
     root = sibling_project(stack_project, tmp_path / "two-gpus", lambda p: p["schedules"].update(gpu_slots=2))
-    first, second = _gpu_spans(root)
+    # a BrokenBarrierError fails the flow: the two never held a slot at the same time
+    first, second = _gpu_spans(root, meet=threading.Barrier(2, timeout=60))
     assert second[0] < first[1], "with two GPUs, two runs go at once"
