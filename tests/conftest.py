@@ -24,6 +24,9 @@ REPO = Path(__file__).resolve().parents[1]
 # Client-side Prefect state for this test process stays out of ~/.prefect.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+# A flow run that misses the test server's API URL fails instead of quietly starting a
+# throwaway server of its own (what a thread without the test's settings context did).
+os.environ["PREFECT_SERVER_EPHEMERAL_ENABLED"] = "false"
 
 
 def free_ports(n: int) -> list[int]:

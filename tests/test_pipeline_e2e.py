@@ -167,10 +167,13 @@ def test_label_studio_round_then_retrain_promotes_a_tagged_model(stack_project, 
     assert retrain(root=str(root))["ran"] is False
 
     # two retrains started together both finish (the DVC repo lock queues them); the repo is consistent
+    # (each thread runs in a copy of this context: Prefect's settings, the test server's API URL, are context-local)
+    import contextvars
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(2) as pool:
-        states = list(pool.map(lambda _: retrain(root=str(root), force=True, return_state=True), range(2)))
+        states = list(pool.map(lambda context: context.run(retrain, root=str(root), force=True, return_state=True),
+                               [contextvars.copy_context() for _ in range(2)]))
     assert all(s.is_completed() for s in states), [s.message for s in states]
     # every output still matches dvc.lock (a promotion only makes the next fine-tune due)
     status = json.loads(run([sys.executable, "-m", "dvc", "status", "--json"], root, env=dvc_env(project)).stdout)
