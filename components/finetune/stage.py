@@ -39,6 +39,7 @@ from components.curves import MetricsCurve
 from components.errors import UserError
 from components.finetune import methods
 from components.finetune.core import encode_images, encode_text, save_candidate
+from components.progress import on_terminal, progress_callbacks
 from components.project import Project
 from components.sampling import SamplerConfig
 
@@ -233,7 +234,7 @@ def trainer_for(cfg, steps: int, callbacks: list) -> tuple[L.Trainer, torch.util
         num_nodes=cfg.num_nodes, precision=cfg.precision, accumulate_grad_batches=cfg.accumulate_grad_batches,
         gradient_clip_val=cfg.gradient_clip, logger=False, enable_model_summary=False, num_sanity_val_steps=0,
         enable_checkpointing=any(isinstance(c, L.pytorch.callbacks.ModelCheckpoint) for c in callbacks),
-        callbacks=callbacks)
+        callbacks=[*callbacks, *progress_callbacks(f"finetune ({cfg.method})")], enable_progress_bar=on_terminal())
     return trainer, torch.utils.data.DataLoader(range(steps * cfg.accumulate_grad_batches), batch_size=1)
 
 

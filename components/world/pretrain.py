@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from components.config import Params, PretrainParams
+from components.progress import on_terminal, progress_callbacks
 from components.sampling import SamplerConfig, derive_seed
 from components.stage import run_stage
 from components.world.alignment import evaluate_splits
@@ -185,7 +186,8 @@ def pretrain(params: Params, root: Path, state_dir: Path) -> dict:
                                                       save_last=True, save_top_k=0)
     trainer = L.Trainer(
         max_steps=cfg.steps, accelerator="cpu", devices=1, deterministic=True, logger=False,
-        callbacks=[checkpoints, curve], enable_model_summary=False, num_sanity_val_steps=0,
+        callbacks=[checkpoints, curve, *progress_callbacks("pretrain")], enable_progress_bar=on_terminal(),
+        enable_model_summary=False, num_sanity_val_steps=0,
     )
     steps = torch.utils.data.DataLoader(range(cfg.steps), batch_size=1)
     trainer.fit(module, steps, ckpt_path=str(last) if last.exists() else None)
