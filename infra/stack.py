@@ -77,6 +77,17 @@ def port_in_use(host: str, port: int) -> bool:
         return False
 
 
+def port_stays_in_use(host: str, port: int, wait_s: float = 10.0) -> bool:
+    """True if the port is still taken after ``wait_s``: a server stopped a moment ago
+    (`aligndiff down && aligndiff up`) may still be letting go of it."""
+    deadline = time.monotonic() + wait_s
+    while port_in_use(host, port):
+        if time.monotonic() >= deadline:
+            return True
+        time.sleep(0.5)
+    return False
+
+
 class Stack:
     def __init__(self, project: Project):
         self.project = project
@@ -204,7 +215,7 @@ class Stack:
             if self.running_pid(service.name):
                 continue
             self._record_path(service.name).unlink(missing_ok=True)
-            if port_in_use(self.project.host, service.port):
+            if port_stays_in_use(self.project.host, service.port):
                 raise ServiceError(
                     f"port {service.port} for {service.title} is already in use by another program; "
                     f"stop it or set services.{service.name}.port in params.yaml"
