@@ -20,8 +20,8 @@ def _duration(seconds: float) -> str:
 
 
 class ProgressLines(L.Callback):
-    def __init__(self, label: str, lines: int = 20, stream=None):
-        self.label, self.lines, self.stream = label, lines, stream
+    def __init__(self, label: str, lines: int = 20):
+        self.label, self.lines = label, lines
         self.start, self.first_step, self.next_step = 0.0, 0, 0
 
     def on_train_start(self, trainer, module):
@@ -42,7 +42,7 @@ class ProgressLines(L.Callback):
         parts.append(f"{_duration(elapsed)} elapsed")
         if rate > 0 and step < total:
             parts.append(f"ETA {_duration((total - step) / rate)}")
-        print(", ".join(parts), file=self.stream or sys.stdout, flush=True)
+        print(", ".join(parts), flush=True)
 
 
 def on_terminal() -> bool:
