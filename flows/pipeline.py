@@ -13,9 +13,9 @@ from prefect.artifacts import create_markdown_artifact
 
 from components.dvc_remote import dvc_env
 from components.errors import UserError
-from components.reports import headline_metrics, inline_images
 from components.locking import file_lock
 from components.project import Project
+from components.reports import headline_metrics, inline_images
 from components.stage_graph import runnable_stages
 
 
