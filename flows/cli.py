@@ -38,6 +38,11 @@ def cmd_params(args) -> int:
 
 def cmd_deploy(args) -> int:
     project = _project(args)
+    if args.prefect_yaml:
+        from flows.deploy import write_prefect_yaml
+
+        print(f"wrote {write_prefect_yaml(project)}; register it with: prefect deploy --all")
+        return 0
     _use_embedded_prefect(project)
     from flows.deploy import deploy
 
@@ -327,8 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("datasets", nargs="*", metavar="DATASET", help="prompts, generations, labels (default: all)")
     p.add_argument("--full", action="store_true", help="fetch and decode every generation's objects, not a sample")
     p.set_defaults(func=cmd_validate)
-    sub.add_parser("deploy", help="register the scheduled deployments (schedules: in params.yaml)").set_defaults(
-        func=cmd_deploy)
+    p = sub.add_parser("deploy", help="register the scheduled deployments (schedules: in params.yaml)")
+    p.add_argument("--prefect-yaml", action="store_true",
+                   help="only render prefect.yaml from params.yaml, for `prefect deploy --all`")
+    p.set_defaults(func=cmd_deploy)
     sub.add_parser("worker", help="run a worker for the deployments (foreground)").set_defaults(func=cmd_worker)
     p = sub.add_parser("run", help="run one flow now: " + ", ".join(FLOWS))
     p.add_argument("flow", choices=list(FLOWS))

@@ -122,3 +122,38 @@ def test_gpu_work_queues_for_the_configured_gpu_slots(stack_project, prefect_api
     # a BrokenBarrierError fails the flow: the two never held a slot at the same time
     first, second = _gpu_spans(root, meet=threading.Barrier(2, timeout=60))
     assert second[0] < first[1], "with two GPUs, two runs go at once"
+
+
+def test_committed_prefect_yaml_is_the_one_params_yaml_renders():
+    from flows.deploy import PREFECT_YAML, prefect_yaml
+
+    assert (REPO / PREFECT_YAML).read_text() == prefect_yaml(Project.load(REPO)), \
+        "prefect.yaml is stale: run `aligndiff deploy --prefect-yaml`"
+
+
+def test_prefect_deploy_all_registers_the_scheduled_deployments(stack_project, prefect_api, tmp_path):
+    from prefect.client.orchestration import get_client
+
+    from flows.deploy import _ensure_pool, write_prefect_yaml
+
+    def schedules(params: dict) -> None:
+        params["schedules"].update(work_pool="yaml-pool", annotation_round=None, retrain="30 1 * * *")
+
+    root = sibling_project(stack_project, tmp_path / "from-yaml", edit=schedules)
+    shutil.copytree(REPO / "flows", root / "flows", ignore=shutil.ignore_patterns("__pycache__"))
+    project = Project.load(root)
+    write_prefect_yaml(project)
+    asyncio.run(_ensure_pool("yaml-pool"))
+    subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all"], cwd=root, check=True,
+                   env={**os.environ, "PREFECT_API_URL": prefect_api}, capture_output=True)
+
+    async def read(name: str):
+        async with get_client() as client:
+            return await client.read_deployment_by_name(f"{name}/{name}")
+
+    retrain = asyncio.run(read("retrain"))
+    assert retrain.work_pool_name == "yaml-pool" and retrain.parameters == {"root": "."}
+    assert [s.schedule.cron for s in retrain.schedules] == ["30 1 * * *"]
+    assert retrain.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(root)}}]
+    assert asyncio.run(read("annotation_round")).schedules == []
+    assert [s.schedule.cron for s in asyncio.run(read("sync_annotations")).schedules] == ["*/10 * * * *"]
