@@ -101,9 +101,15 @@ def test_edits_replace_deletions_are_marked_and_malformed_results_are_rejected(r
     bad_task = int(rows.iloc[5]["task_id"])
     bad = client.annotations.create(id=bad_task, result=[
         {"from_name": "choice", "to_name": "image_0", "type": "choices", "value": {"choices": ["both"]}}])
+    critique_only = client.annotations.create(id=int(rows.iloc[8]["task_id"]), result=[
+        {"from_name": "critique", "to_name": "image_0", "type": "textarea", "value": {"text": ["no choice"]}}])
+    # a task someone imported by hand, not through an aligndiff push
+    foreign_task = client.tasks.create(project=project_id, data={"image_0": "s3://elsewhere/a.png",
+                                                                 "image_1": "s3://elsewhere/b.png", "prompt": "x"})
+    foreign = client.annotations.create(id=foreign_task.id, result=make_result("pairwise", "left"))
 
     result = sync(round_project, project_id, "pairwise", client=client)
-    assert result["rejected"] == 1 and result["deleted"] == 1
+    assert result["rejected"] == 3 and result["deleted"] == 1
     after = store.annotations().set_index("annotation_id")
     assert after.loc[edited["annotation_id"], "choice"] == new_choice
     assert after.loc[edited["annotation_id"], "critique"] == "changed my mind"
@@ -111,6 +117,9 @@ def test_edits_replace_deletions_are_marked_and_malformed_results_are_rejected(r
     assert bad.id not in after.index and len(after) == 600
     reasons = store.rejected().set_index("annotation_id")["reason"]
     assert "unknown choice 'both'" in reasons.loc[bad.id]
+    assert "missing the required choice" in reasons.loc[critique_only.id]
+    assert "not pushed by aligndiff" in reasons.loc[foreign.id]
+    assert critique_only.id not in after.index and foreign.id not in after.index
 
 
 @pytest.mark.slow
