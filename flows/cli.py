@@ -217,7 +217,10 @@ def cmd_annotate(args) -> int:
             result = rounds.simulate_round(project, args.kind, args.k, config,
                                            on_progress=lambda n: progress.advance(task, n))
     elif args.action == "sync":
-        result = rounds.sync_round(project, args.kind, args.k)
+        with _progress("sync changed tasks") as progress:
+            task = progress.add_task("sync", total=None)
+            result = rounds.sync_round(project, args.kind, args.k,
+                                       on_progress=lambda done, total: progress.update(task, completed=done, total=total))
         result["per_annotator"] = rounds.per_annotator(project)
         rejected = rounds.rejected_reasons(project)
         for row in rejected.tail(args.show_rejected).itertuples():

@@ -53,9 +53,10 @@ def labelled_round(round_project):
     pushed = studio.push_tasks(client, round_project, project_id, specs)
     config = sim.AnnotatorConfig(annotators=3, coverage=3, flip_rate=0.2, seed=3)
     simulated = sim.simulate(round_project, project_id, "pairwise", config, client=client)
-    first = sync(round_project, project_id, "pairwise", client=client)
+    progress = []
+    first = sync(round_project, project_id, "pairwise", client=client, on_progress=lambda *p: progress.append(p))
     return {"client": client, "project_id": project_id, "specs": specs, "truth": truth, "pushed": pushed,
-            "simulated": simulated, "first_sync": first}
+            "simulated": simulated, "first_sync": first, "sync_progress": progress}
 
 
 @pytest.mark.slow
@@ -63,6 +64,7 @@ def test_200_tasks_3_annotators_give_exactly_600_annotations_and_reruns_add_noth
     r = labelled_round
     assert r["pushed"].created == 200 and r["simulated"]["submitted"] == 600
     assert r["first_sync"]["new"] == 600 and r["first_sync"]["rejected"] == 0
+    assert r["sync_progress"][0] == (1, 200) and r["sync_progress"][-1] == (200, 200)
     store = store_for(round_project, r["project_id"])
     rows = store.annotations()
     assert len(rows) == 600 and rows["annotation_id"].is_unique

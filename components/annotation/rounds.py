@@ -86,14 +86,14 @@ def select_active(specs: list[studio.TaskSpec], limit: int | None, scores: np.nd
 
 def ensemble_disagreement(project: Project, manifest: pd.DataFrame, specs: list[studio.TaskSpec]) -> np.ndarray:
     from components.feedback import Fetcher
-    from components.reward.model import RewardScorer
+    from components.reward.model import load_scorer
 
     relative = "models/reward"
     path = project.path(relative)
     if not (path / "config.json").exists():
         raise UserError(f"{relative}: active selection needs a reward model; build one with `dvc repro train_reward` "
                         "or use --select random")
-    scorer = RewardScorer.load(path)
+    scorer = load_scorer(project, path)
     if scorer.model.config.heads < 2:
         raise UserError(f"{relative}: a single-head reward model cannot disagree with itself; set reward.ensemble ≥ 2")
     ids = sorted({g for s in specs for g in s.generation_ids})
@@ -160,10 +160,10 @@ def simulate_round(project: Project, kind: RoundKind, k: int, config: sim.Annota
                         on_progress=on_progress)
 
 
-def sync_round(project: Project, kind: RoundKind, k: int) -> dict:
+def sync_round(project: Project, kind: RoundKind, k: int, on_progress=None) -> dict:
     """Incremental sync, recorded with agreement, per-annotator counts and rejected results."""
     client = studio.client_for(project)
-    result = sync(project, project_id_for(client, project, kind, k), kind, k, client=client)
+    result = sync(project, project_id_for(client, project, kind, k), kind, k, client=client, on_progress=on_progress)
     annotations, _ = snap.load_stores(project.state_dir)
     of_kind = annotations[annotations.apply(snap.kind_of, axis=1) == kind] if len(annotations) else annotations
     rejected = rejected_reasons(project)

@@ -46,8 +46,10 @@ def changed_tasks(client, ls_project_id: int, watermark: str | None, page_size: 
     return list(client.tasks.list(project=ls_project_id, query=json.dumps(query), fields="all", page_size=page_size))
 
 
-def sync(project: Project, ls_project_id: int, kind: RoundKind, k: int = 2, client=None) -> dict:
-    """Bring the store up to date with the project; returns counts for the round summary."""
+def sync(project: Project, ls_project_id: int, kind: RoundKind, k: int = 2, client=None, on_progress=None) -> dict:
+    """Bring the store up to date with the project; returns counts for the round summary.
+
+    ``on_progress(done, total)`` as each changed task is read."""
     from components.annotation.studio import client_for
 
     client = client or client_for(project)
@@ -55,19 +57,21 @@ def sync(project: Project, ls_project_id: int, kind: RoundKind, k: int = 2, clie
     store.root.mkdir(parents=True, exist_ok=True)
     with file_lock(store.lock_path):
         try:
-            return _sync_locked(client, store, ls_project_id, kind, k)
+            return _sync_locked(client, store, ls_project_id, kind, k, on_progress)
         except (httpx.TransportError, OSError) as exc:
             raise ServiceError(f"Label Studio at {project.label_studio_url} became unreachable during sync "
                                f"({type(exc).__name__}); nothing was stored, run the sync again") from None
 
 
-def _sync_locked(client, store: AnnotationStore, ls_project_id: int, kind: RoundKind, k: int) -> dict:
+def _sync_locked(client, store: AnnotationStore, ls_project_id: int, kind: RoundKind, k: int, on_progress=None) -> dict:
     watermark = store.watermark()
     tasks = changed_tasks(client, ls_project_id, watermark)
     known = store.annotations()
     users: dict[int, str] = {}
     rows, rejected, deleted = [], [], []
-    for task in tasks:
+    for done, task in enumerate(tasks, start=1):
+        if on_progress:
+            on_progress(done, len(tasks))
         data = task.data or {}
         annotations = list(client.annotations.list(id=task.id))
         present = {a.id for a in annotations}
