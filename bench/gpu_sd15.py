@@ -33,7 +33,7 @@ from components.config import parse_params  # noqa: E402
 from components.finetune import methods  # noqa: E402
 from components.finetune.stage import trainer_for  # noqa: E402
 from components.sampling import SamplerConfig, sample  # noqa: E402
-from tests.models import save_tiny_stable_diffusion  # noqa: E402
+from tests.models import save_tiny_clip, save_tiny_stable_diffusion  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "gpu_sd15.jsonl"
 PROMPTS = ["two red circles on a white background", "one blue square on a black background"]
@@ -43,6 +43,7 @@ def sd15_params(model_dir: Path, steps: int, on_gpu: bool):
     data = yaml.safe_load((REPO / "params.yaml").read_text())
     data["profile"] = "sd15"
     data["models"]["sd15"] = {"path": str(model_dir), "repo_id": None, "revision": None}
+    data["models"]["clip"] = {"path": str(model_dir.parent / "tiny-clip"), "repo_id": None, "revision": None}
     data["profiles"]["sd15"]["sample"]["steps"] = steps
     finetune = data["profiles"]["sd15"]["finetune"]
     finetune["prdp"].update(prompts_per_epoch=2, images_per_prompt=2, updates_per_epoch=1)
@@ -83,6 +84,7 @@ def main() -> int:
     on_gpu = torch.cuda.is_available()
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = save_tiny_stable_diffusion(Path(tmp) / "tiny-sd15", image_size=args.size)
+        save_tiny_clip(Path(tmp) / "tiny-clip")
         params = sd15_params(model_dir, args.steps, on_gpu)
         sampler = SamplerConfig.from_params(params.sample)
         result = {"device": torch.cuda.get_device_name() if on_gpu else platform.processor() or "cpu",

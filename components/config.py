@@ -100,6 +100,7 @@ class ModelSource(_Strict):
 class Models(_Strict):
     sd15: ModelSource = ModelSource(repo_id="stable-diffusion-v1-5/stable-diffusion-v1-5")
     sdxl: ModelSource = ModelSource(repo_id="stabilityai/stable-diffusion-xl-base-1.0")
+    clip: ModelSource = ModelSource(repo_id="openai/clip-vit-large-patch14")  # sd15/sdxl reward encoders
 
 
 class WorldModelParams(_Strict):
@@ -216,8 +217,6 @@ class RewardParams(_Strict):
     temperature: float = Field(0.1, gt=0)  # T: the reward in [0, 1] as a logit over candidates
     perturbed_prompts: int = Field(4, ge=1)  # N − 1
     validation_fraction: float = Field(0.2, gt=0, lt=1)  # labelled prompts held out for metrics
-    # sd15/sdxl: a frozen CLIP (local directory) under the heads; world: trained CNN + world text encoder
-    clip_path: str | None = None
     threads: int = Field(2, ge=1)
 
 
@@ -343,12 +342,10 @@ class Params(_Strict):
     @model_validator(mode="after")
     def _profile_has_weights(self) -> Params:
         if self.profile != "world":
-            source: ModelSource = getattr(self.models, self.profile)
-            if not source.resolvable():
-                raise ValueError(
-                    f"profile {self.profile} needs models.{self.profile}.path (a local diffusers "
-                    f"directory) or models.{self.profile}.repo_id with a pinned 40-hex revision"
-                )
+            for name, what in ((self.profile, "diffusers directory"), ("clip", "CLIP directory, for the reward")):
+                if not getattr(self.models, name).resolvable():
+                    raise ValueError(f"profile {self.profile} needs models.{name}.path (a local {what}) "
+                                     f"or models.{name}.repo_id with a pinned 40-hex revision")
         return self
 
 

@@ -140,9 +140,9 @@ def evaluate(project: Project) -> dict:
     reward_path = project.path("models/reward")
     per_prompt = pd.DataFrame({"prompt_id": ids, "prompt": texts})
     if (reward_path / "config.json").exists():
-        from components.reward.model import RewardScorer
+        from components.reward.model import load_scorer
 
-        scorer = RewardScorer.load(reward_path)
+        scorer = load_scorer(project, reward_path)
         r = {name: scorer.score(imgs, expanded)[0] for name, imgs in images.items()}
         wins = np.where(r["candidate"] > r["production"], 1.0, np.where(r["candidate"] == r["production"], 0.5, 0.0))
         metrics["reward"] = {"production_mean": round(float(r["production"].mean()), 4),

@@ -22,22 +22,46 @@ def save_tiny_world_model(path: Path, seed: int = 0) -> Path:
     return path
 
 
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+TINY_CLIP_TEXT = dict(vocab_size=2 + 2 * len(LETTERS), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, max_position_embeddings=48, projection_dim=32, bos_token_id=0,
+                      eos_token_id=1, pad_token_id=1)
+
+
+def _letter_tokenizer():
+    """A CLIP BPE tokenizer over single letters (no merges): real CLIP tokenization, tiny vocabulary."""
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in LETTERS:
+        vocab[ch] = len(vocab)
+        vocab[ch + "</w>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=48)
+
+
+def save_tiny_clip(path: Path, seed: int = 0) -> Path:
+    """A CLIP (text and vision towers, tokenizer, image processor) as from_pretrained reads it."""
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
+
+    torch.manual_seed(seed)
+    vision = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=4)
+    CLIPModel(CLIPConfig(text_config=TINY_CLIP_TEXT, vision_config=vision, projection_dim=16)).save_pretrained(path)
+    _letter_tokenizer().save_pretrained(path)
+    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
+    return path
+
+
 def save_tiny_stable_diffusion(path: Path, seed: int = 0, image_size: int = 32) -> Path:
     """An SD1.5-shaped pipeline (latent UNet, KL VAE, CLIP text encoder + BPE tokenizer),
     tiny in width but at any resolution: image_size 32 → 4×8×8 latents (×4 VAE, tests);
     512 → 4×64×64 (×8 VAE, SD1.5's real latent size, for the GPU benchmark)."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for ch in "abcdefghijklmnopqrstuvwxyz":
-        vocab[ch] = len(vocab)
-        vocab[ch + "</w>"] = len(vocab)
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=48)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-        max_position_embeddings=48, projection_dim=32, bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    tokenizer = _letter_tokenizer()
+    text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_CLIP_TEXT))
     vae_blocks = 3 if image_size <= 32 else 4  # ×4 or ×8 down-sampling
     latent_size = image_size // 2 ** (vae_blocks - 1)
     unet = UNet2DConditionModel(

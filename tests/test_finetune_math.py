@@ -189,7 +189,8 @@ def test_sd15_profile_settings_train_a_latent_model_with_lightning(tmp_path):
 
     model_dir = save_tiny_stable_diffusion(tmp_path / "sd15")
     data = yaml.safe_load(open("params.yaml"))
-    data.update(profile="sd15", models={**data["models"], "sd15": {"path": str(model_dir)}})
+    data.update(profile="sd15", models={**data["models"], "sd15": {"path": str(model_dir)},
+                                        "clip": {"repo_id": "openai/clip-vit-large-patch14", "revision": "0" * 40}})
     data["profiles"]["sd15"]["finetune"].update(accelerator="cpu", precision="32-true")
     data["profiles"]["sd15"]["finetune"]["prdp"].update(prompts_per_epoch=2, images_per_prompt=2, updates_per_epoch=1)
     params = parse_params(data)

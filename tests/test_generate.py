@@ -133,6 +133,7 @@ def test_sd15_profile_generates_in_latent_space_with_a_vae(stack_project, tmp_pa
         params["profile"] = "sd15"
         params["profiles"]["sd15"]["sample"]["steps"] = 3  # the profile's values win over the sections'
         params["models"]["sd15"] = {"path": str(model_dir), "repo_id": None, "revision": None}
+        params["models"]["clip"]["revision"] = "0" * 40  # pinned, never loaded: no reward here
 
     root = sibling_project(stack_project, tmp_path / "sd", edit=edit)
     curate.run(root)

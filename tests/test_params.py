@@ -35,6 +35,8 @@ BAD_CASES = {
     "negative seed": (lambda d: d.update(seed=-1), "seed: expected greater than or equal to 0"),
     "same ports": (lambda d: d["services"]["prefect"].update(port=d["services"]["s3"]["port"]), "services: service ports must differ"),
     "gpu profile without weights": (lambda d: d.update(profile="sd15"), "needs models.sd15.path"),
+    "gpu profile without a clip": (lambda d: (d.update(profile="sd15"), d["models"]["sd15"].update(path="w")),
+                                   "needs models.clip.path (a local CLIP directory, for the reward)"),
     "unpinned revision": (lambda d: d["models"]["sdxl"].update(revision="main"), "models.sdxl: revision must be a 40-character commit hash"),
     "external prefect without url": (lambda d: d["services"]["prefect"].update(embedded=False), "prefect.api_url is required"),
     "bad bucket name": (lambda d: d["services"]["s3"].update(bucket="Has Spaces"), "services.s3.bucket: expected"),
@@ -63,6 +65,7 @@ def test_pinned_gpu_profile_is_accepted(tmp_path, capsys):
     def edit(d):
         d["profile"] = "sd15"
         d["models"]["sd15"]["revision"] = "a" * 40
+        d["models"]["clip"]["revision"] = "b" * 40
 
     assert main(["--project", str(_params_with(tmp_path, edit)), "params"]) == 0
     assert '"profile": "sd15"' in capsys.readouterr().out
@@ -72,6 +75,7 @@ def test_gpu_profile_applies_its_overrides_and_keeps_the_rest(tmp_path):
     def edit(d):
         d["profile"] = "sd15"
         d["models"]["sd15"].update(path="/models/sd15", repo_id=None)
+        d["models"]["clip"].update(path="/models/clip", repo_id=None)
 
     world = load_params(REPO / "params.yaml")
     sd15 = load_params(_params_with(tmp_path, edit) / "params.yaml")
@@ -100,8 +104,10 @@ def test_local_model_directory_is_accepted_without_revision(tmp_path):
     def edit(d):
         d["profile"] = "sdxl"
         d["models"]["sdxl"].update(path="/models/sdxl", repo_id=None)
+        d["models"]["clip"].update(path="/models/clip", repo_id=None)
 
-    assert load_params(_params_with(tmp_path, edit) / "params.yaml").models.sdxl.path == "/models/sdxl"
+    models = load_params(_params_with(tmp_path, edit) / "params.yaml").models
+    assert (models.sdxl.path, models.clip.path) == ("/models/sdxl", "/models/clip")
 
 
 @pytest.mark.parametrize(

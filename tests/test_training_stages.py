@@ -123,6 +123,55 @@ def test_bradley_terry_reward_learns_from_pairs(labelled):
     assert 0 <= metrics["validation"]["pair_accuracy"] <= 1
 
 
+def test_gpu_profiles_train_reward_heads_on_a_frozen_clip(labelled, tmp_path):
+    """sd15's reward (Lee et al.): heads on the CLIP of models.clip, which stays frozen and
+    out of the saved model; the stages load it through models.clip, and refuse another CLIP."""
+    import dataclasses
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from components.config import parse_params
+    from components.reward.clip import ClipRewardScorer
+    from components.reward.model import load_scorer
+    from tests.models import save_tiny_clip
+
+    clip_dir = save_tiny_clip(tmp_path / "clip")
+    clip_before = load_file(clip_dir / "model.safetensors")
+    root = tmp_path / "sd15"
+    shutil.copytree(labelled.path("data"), root / "data")  # the world's labelled generations, scored by CLIP
+    data = labelled.params.model_dump(by_alias=True)
+    data.update(profile="sd15")
+    data["models"].update(sd15={"path": "sd15-weights"}, clip={"path": str(clip_dir)})
+    data["reward"].update(steps=40)
+    project = dataclasses.replace(labelled, root=root, params=parse_params(data))
+
+    metrics = reward_train.train_reward(project.params, root, labelled.object_store())
+    assert metrics["kind"] == "lee" and metrics["validation"]["n"] > 0 and "judge_on_unseen_prompts" not in metrics
+    saved = load_file(root / reward_train.MODEL_OUT / "diffusion_pytorch_model.safetensors")
+    assert saved and all(k.startswith(("mlp.", "out.")) for k in saved)  # the heads only
+    after = load_file(clip_dir / "model.safetensors")
+    assert all(torch.equal(clip_before[k], after[k]) for k in clip_before)
+
+    scorer = load_scorer(project, root / reward_train.MODEL_OUT)
+    assert isinstance(scorer, ClipRewardScorer)
+    gens = feedback.generations(root)
+    labels = feedback.binary_labels(root, gens)
+    scores = scorer.score(feedback.Fetcher(labelled.object_store()).images(list(gens.loc[labels["generation_id"], "image_key"])),
+                          list(labels["prompt"]))[0]
+    good = labels["label"].mean()  # the heads learned the labels' base rate, from 0.5 at initialisation
+    assert abs(scores.mean() - good) < 0.5 * abs(0.5 - good)
+    images = np.random.default_rng(0).integers(0, 255, (3, 64, 64, 3), dtype=np.uint8)  # any size: CLIP resizes
+    mean, spread = scorer.score(images, ["two red circles on a white background"] * 3)
+    assert mean.shape == (3,) and ((0 <= mean) & (mean <= 1)).all() and spread.shape == (3,)
+
+    other = shutil.copytree(clip_dir, tmp_path / "another-clip")
+    data["models"]["clip"] = {"path": str(other)}
+    moved = dataclasses.replace(project, params=parse_params(data))
+    with pytest.raises(UserError, match=r"trained on CLIP .*/clip, but models.clip is now .*another-clip"):
+        load_scorer(moved, root / reward_train.MODEL_OUT)
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_fine_tunes_into_a_loadable_candidate(labelled, method):
     import dataclasses

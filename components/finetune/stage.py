@@ -125,9 +125,9 @@ def learned_reward(project: Project):
     path = project.path(REWARD_MODEL)
     if not (path / "config.json").exists():
         raise UserError(f"{path}: no reward model; build it with `dvc repro train_reward`")
-    from components.reward.model import RewardScorer
+    from components.reward.model import load_scorer
 
-    scorer = RewardScorer.load(path)
+    scorer = load_scorer(project, path)
     return lambda images, prompts: scorer.score(images, prompts)[0]
 
 

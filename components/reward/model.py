@@ -3,7 +3,8 @@
 Config-first (``ConfigMixin``): ``save_pretrained`` writes ``config.json`` and
 ``diffusion_pytorch_model.safetensors``; ``from_pretrained`` reads them back.
 
-World encoders, trained here: a small CNN over the 32×32 image, modulated (FiLM) by a
+World encoders, trained here (the sd15/sdxl profiles put heads on a frozen CLIP
+instead: ``components/reward/clip.py``): a small CNN over the 32×32 image, modulated (FiLM) by a
 prompt encoder over the world's word-level tokens (word embeddings in their sentence
 positions, so "two red" and "red two" differ), then global mean- and max-pooling (how
 much of a colour is present, and where) and an MLP.
@@ -15,6 +16,8 @@ reward and the heads' standard deviation.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -68,19 +71,24 @@ class RewardScorer:
     def load(cls, path) -> RewardScorer:
         return cls(RewardModel.from_pretrained(path))
 
+    def prepare(self, images: np.ndarray) -> torch.Tensor:
+        """uint8 (N, H, W, 3) → the model's input, (N, 3, H, W) in [-1, 1]."""
+        return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+
     def tokens(self, prompts: list[str]) -> torch.Tensor:
         return self.tokenizer(prompts, padding="max_length", max_length=self.model.config.max_tokens, truncation=True,
                               return_tensors="pt").input_ids
 
-    def logits(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        return self.model(images, self.tokens(prompts))
+    def logits(self, pixels: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """Per-head logits for prepared images."""
+        return self.model(pixels, self.tokens(prompts))
 
     @torch.no_grad()
     def head_rewards(self, images: np.ndarray, prompts: list[str], batch_size: int = 256) -> np.ndarray:
         """Every head's reward in [0, 1] per uint8 image: (N, heads)."""
-        out = [torch.sigmoid(self.logits(
-            torch.from_numpy(images[start:start + batch_size]).permute(0, 3, 1, 2).float() / 127.5 - 1,
-            prompts[start:start + batch_size])) for start in range(0, len(prompts), batch_size)]
+        out = [torch.sigmoid(self.logits(self.prepare(images[start:start + batch_size]),
+                                         prompts[start:start + batch_size]))
+               for start in range(0, len(prompts), batch_size)]
         return torch.cat(out).numpy() if out else np.zeros((0, self.model.config.heads), np.float32)
 
     def score(self, images: np.ndarray, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -88,3 +96,19 @@ class RewardScorer:
         rewards = self.head_rewards(images, prompts)
         spread = rewards.std(axis=1, ddof=1) if rewards.shape[1] > 1 else np.zeros(len(rewards), np.float32)
         return rewards.mean(axis=1), spread
+
+
+def load_scorer(project, path: Path) -> RewardScorer:
+    """The reward model trained at ``path``: world heads, or heads on the CLIP of ``models.clip``."""
+    import json
+
+    if json.loads((path / "config.json").read_text()).get("_class_name") == "ClipRewardHead":
+        from components.reward.clip import ClipRewardScorer
+
+        return ClipRewardScorer.load(path, clip_source(project.params.models.clip, project.root))
+    return RewardScorer.load(path)
+
+
+def clip_source(source, root: Path) -> Path | str:
+    """``models.clip`` (a ModelSource) as a local directory or ``repo_id@revision``."""
+    return Path(root) / source.path if source.path else f"{source.repo_id}@{source.revision}"

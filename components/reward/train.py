@@ -8,6 +8,10 @@
   reimplementation feeds a constant there, so only the perturbations learn).
 - ``reward.kind: bradley_terry``: ``−log σ(logit(x_w, c) − logit(x_l, c))`` on preference pairs.
 
+The world profile trains its own small encoders (``model.py``); sd15/sdxl train heads on
+the frozen CLIP of ``models.clip`` (``clip.py``). The prompt-classification term needs
+the world grammar to perturb a prompt, so elsewhere it applies to world prompts only.
+
 Labelled prompts are split (seeded) into train and validation; metrics on the
 validation prompts (accuracy, AUC, calibration error) and, in the world profile,
 against the judge on the generations of every prompt the reward never saw.
@@ -32,16 +36,12 @@ from components import feedback
 from components.config import Params, RewardParams
 from components.curves import MetricsCurve
 from components.errors import UserError
-from components.reward.model import RewardModel, RewardScorer
+from components.reward.model import RewardModel, RewardScorer, clip_source
 from components.world.grammar import parse_prompt
 
 MODEL_OUT = Path("models/reward")
 METRICS_OUT = Path("reports/reward_metrics.json")
 CURVE_OUT = Path("reports/reward_curve.csv")
-
-
-def to_tensor(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
 def perturbed_prompts(prompt: str, n: int, rng: np.random.Generator) -> list[str] | None:
@@ -174,9 +174,13 @@ def train_reward(params: Params, root: Path, store) -> dict:
     ids = sorted(set(gens.index))
     position = {g: i for i, g in enumerate(ids)}
     images_u8 = fetch.images([gens.at[g, "image_key"] for g in ids])
-    images, prompts = to_tensor(images_u8), [gens.at[g, "prompt"] for g in ids]
+    if params.profile == "world":
+        scorer = RewardScorer(RewardModel(vocab_size=_vocab_size(), heads=cfg.ensemble))
+    else:
+        from components.reward.clip import ClipRewardScorer
 
-    scorer = RewardScorer(RewardModel(vocab_size=_vocab_size(), heads=cfg.ensemble))
+        scorer = ClipRewardScorer.create(clip_source(params.models.clip, root), cfg.ensemble)
+    images, prompts = scorer.prepare(images_u8), [gens.at[g, "prompt"] for g in ids]
     if cfg.kind == "lee":
         index = np.array([position[g] for g in train_rows["generation_id"]])
         labels = torch.zeros(len(ids))
@@ -241,9 +245,6 @@ def evaluate_reward(scorer: RewardScorer, kind: str, train_rows: pd.DataFrame, v
 
 
 def _stage(project) -> str:
-    if project.params.profile != "world":
-        raise UserError("train_reward: the CLIP-based reward for sd15/sdxl is not built yet; "
-                        "use finetune.method d3po or diffusion_dpo (no reward model needed)")
     metrics = train_reward(project.params, project.root, project.object_store())
     val = metrics["validation"]
     return f"{metrics['kind']} reward: validation {json.dumps(val)}"
