@@ -140,22 +140,29 @@ def test_label_studio_dying_mid_sync_changes_nothing_and_a_rerun_completes(stack
 
     stack = Stack(stack_project)
 
-    class StopsServerMidway:
+    class StopsServerBetweenPages:
+        """Pages of two changed tasks; the server goes down before the second page is asked for."""
+
         def __init__(self, inner):
-            self._inner, self.calls = inner, 0
+            self._inner = inner
 
         def __getattr__(self, name):
             return getattr(self._inner, name)
 
-        @property
-        def annotations(self):
-            self.calls += 1
-            if self.calls == 2:
-                stack._stop("label_studio")
-            return self._inner.annotations
+        def list(self, **kwargs):
+            for i, task in enumerate(self._inner.list(**{**kwargs, "page_size": 2})):
+                yield task
+                if i == 1:
+                    stack._stop("label_studio")
+
+    class Client:
+        def __getattr__(self, name):
+            return getattr(client, name)
+
+        tasks = StopsServerBetweenPages(client.tasks)
 
     with pytest.raises(ServiceError, match="became unreachable during sync"):
-        sync(round_project, project_id, "pairwise", client=StopsServerMidway(client))
+        sync(round_project, project_id, "pairwise", client=Client())
     assert (store.annotations_path.read_bytes(), store.watermark()) == before
 
     stack.up()

@@ -1,8 +1,9 @@
 """Incremental sync: pull what changed in a Label Studio project into the local store.
 
 Only tasks whose ``updated_at`` is past the watermark are fetched (a Data Manager
-filter, paged), so a sync costs what changed, not the size of the project. For each
-changed task its annotations are read: new and edited ones are upserted by
+filter, paged), so a sync costs what changed, not the size of the project. Each
+changed task's annotations come with it in the page (``fields=all``), so a sync makes
+one request per page, not per task: new and edited ones are upserted by
 annotation id, ones that vanished are marked deleted, skipped ones are kept as
 ``skipped``, and results that do not match the labeling config (Label Studio stores
 them anyway) are rejected with a reason while the sync goes on. Concurrent syncs of
@@ -46,6 +47,16 @@ def changed_tasks(client, ls_project_id: int, watermark: str | None, page_size: 
     return list(client.tasks.list(project=ls_project_id, query=json.dumps(query), fields="all", page_size=page_size))
 
 
+def task_annotations(client, task) -> list:
+    """The task's annotations, as listed in its page; asked for separately only if absent."""
+    from label_studio_sdk.types import Annotation
+
+    inline = getattr(task, "annotations", None)
+    if inline is None:
+        return list(client.annotations.list(id=task.id))
+    return [a if isinstance(a, Annotation) else Annotation.model_validate(a) for a in inline]
+
+
 def sync(project: Project, ls_project_id: int, kind: RoundKind, k: int = 2, client=None, on_progress=None) -> dict:
     """Bring the store up to date with the project; returns counts for the round summary.
 
@@ -73,7 +84,7 @@ def _sync_locked(client, store: AnnotationStore, ls_project_id: int, kind: Round
         if on_progress:
             on_progress(done, len(tasks))
         data = task.data or {}
-        annotations = list(client.annotations.list(id=task.id))
+        annotations = task_annotations(client, task)
         present = {a.id for a in annotations}
         deleted += [int(i) for i in known.loc[known["task_id"] == task.id, "annotation_id"] if int(i) not in present]
         for a in annotations:
