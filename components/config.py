@@ -93,6 +93,10 @@ class ModelSource(_Strict):
             raise ValueError(f"revision must be a 40-character commit hash, got {self.revision!r}")
         return self
 
+    def location(self, root: Path) -> Path | str:
+        """The local directory (``path``, relative to ``root``) or ``repo_id@revision``."""
+        return (Path(root) / self.path).resolve() if self.path else f"{self.repo_id}@{self.revision}"
+
     def resolvable(self) -> bool:
         return bool(self.path) or bool(self.repo_id and self.revision)
 
@@ -159,6 +163,7 @@ class PretrainParams(_Strict):
     ema_decay: float = Field(0.995, ge=0, lt=1)
     cfg_dropout: float = Field(0.1, ge=0, lt=1)
     min_snr_gamma: float = Field(5.0, gt=0)
+    shape_weight: float = Field(8.0, ge=1)  # loss weight of the pixels where a square and a circle differ
     caption_noise: CaptionNoise = CaptionNoise()
     probe_every: int = Field(200, ge=1)  # steps between alignment probes (the training curve)
     probe_images_per_composition: int = Field(1, ge=1)

@@ -45,10 +45,7 @@ def resolve(project: Project, name: str = "base") -> Path | str:
             if not (path / "model_index.json").exists():
                 raise UserError(f"{path}: no base model yet; build it with `dvc repro pretrain`")
             return path
-        source = getattr(project.params.models, project.params.profile)
-        if source.path:
-            return project.path(source.path)
-        return f"{source.repo_id}@{source.revision}"
+        return getattr(project.params.models, project.params.profile).location(project.root)
     path = project.path(name)
     if not is_model_dir(path):
         raise UserError(f"{name}: not a model: expected base, production or a diffusers directory "

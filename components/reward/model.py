@@ -105,10 +105,6 @@ def load_scorer(project, path: Path) -> RewardScorer:
     if json.loads((path / "config.json").read_text()).get("_class_name") == "ClipRewardHead":
         from components.reward.clip import ClipRewardScorer
 
-        return ClipRewardScorer.load(path, clip_source(project.params.models.clip, project.root))
+        return ClipRewardScorer.load(path, project.params.models.clip.location(project.root))
     return RewardScorer.load(path)
 
-
-def clip_source(source, root: Path) -> Path | str:
-    """``models.clip`` (a ModelSource) as a local directory or ``repo_id@revision``."""
-    return Path(root) / source.path if source.path else f"{source.repo_id}@{source.revision}"

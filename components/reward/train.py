@@ -36,7 +36,7 @@ from components import feedback
 from components.config import Params, RewardParams
 from components.curves import MetricsCurve
 from components.errors import UserError
-from components.reward.model import RewardModel, RewardScorer, clip_source
+from components.reward.model import RewardModel, RewardScorer
 from components.world.grammar import parse_prompt
 
 MODEL_OUT = Path("models/reward")
@@ -179,7 +179,7 @@ def train_reward(params: Params, root: Path, store) -> dict:
     else:
         from components.reward.clip import ClipRewardScorer
 
-        scorer = ClipRewardScorer.create(clip_source(params.models.clip, root), cfg.ensemble)
+        scorer = ClipRewardScorer.create(params.models.clip.location(root), cfg.ensemble)
     images, prompts = scorer.prepare(images_u8), [gens.at[g, "prompt"] for g in ids]
     if cfg.kind == "lee":
         index = np.array([position[g] for g in train_rows["generation_id"]])
