@@ -8,7 +8,8 @@ from scipy import ndimage
 
 from components.world.grammar import Composition, all_compositions, parse_prompt, vocabulary
 from components.world.judge import judge
-from components.world.render import IMAGE_SIZE, render, render_batch
+from components.world.grammar import BACKGROUND_RGB
+from components.world.render import IMAGE_SIZE, render, render_batch, shape_corners
 
 COMPOSITIONS = all_compositions()
 
@@ -43,6 +44,17 @@ def test_renderer_is_deterministic_and_uses_the_palette():
     image = render(Composition(2, "red", "square", "black"), np.random.default_rng(0))
     colours = {tuple(px) for px in image.reshape(-1, 3)}
     assert colours == {(0, 0, 0), (230, 25, 25)}
+
+
+def test_shape_corners_are_exactly_where_a_square_and_a_circle_layout_differ():
+    for seed, c in enumerate(COMPOSITIONS):
+        squares = render(c.with_value("shape", "square"), np.random.default_rng(seed))
+        circles = render(c.with_value("shape", "circle"), np.random.default_rng(seed))  # same placements
+        differ = np.any(squares != circles, axis=-1)
+        background = BACKGROUND_RGB[c.background]
+        assert differ.any(), c.prompt
+        assert np.array_equal(shape_corners(squares, background), differ), c.prompt
+        assert np.array_equal(shape_corners(circles, background), differ), c.prompt
 
 
 def test_judge_agrees_with_rendered_images_at_least_99_percent():

@@ -9,7 +9,8 @@ noisy caption, so alignment on them measures generalisation.
 Every batch is a pure function of (seed, step): rendering, caption noise, timesteps
 and noise all come from generators seeded by the step, so a run killed and resumed
 from its last checkpoint produces the same model as an uninterrupted one. The LightningModule
-holds the math (v-prediction denoising loss with min-SNR weighting, EMA); the Trainer holds the
+holds the math (v-prediction denoising loss with min-SNR weighting and shape-corner
+pixel weights, EMA); the Trainer holds the
 engineering (determinism, checkpoints, progress bar).
 
 Outputs: ``models/base`` (diffusers ``WorldPipeline`` with the EMA weights) and
@@ -37,9 +38,9 @@ from components.progress import on_terminal, progress_callbacks
 from components.sampling import SamplerConfig, derive_seed
 from components.stage import run_stage
 from components.world.alignment import evaluate_splits
-from components.world.grammar import BACKGROUNDS, Composition, all_compositions
+from components.world.grammar import BACKGROUND_RGB, BACKGROUNDS, Composition, all_compositions
 from components.world.model import WorldPipeline
-from components.world.render import render
+from components.world.render import render, shape_corners
 
 MODEL_OUT = Path("models/base")
 CURVE_OUT = Path("reports/pretrain_curve.csv")
@@ -77,7 +78,8 @@ class PretrainModule(L.LightningModule):
         self.seen = [c for c in all_compositions() if not is_held_out(c, self.holdout)]
         self.register_buffer("alphas_cumprod", pipe.scheduler.alphas_cumprod.clone().float(), persistent=False)
 
-    def batch_for_step(self, step: int) -> tuple[torch.Tensor, list[str], torch.Tensor, torch.Tensor]:
+    def batch_for_step(self, step: int) -> tuple[torch.Tensor, list[str], torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x0, captions, t, noise, per-pixel loss weights) of one step."""
         rng = np.random.default_rng([self.seed, step])
         comps = [self.seen[i] for i in rng.integers(len(self.seen), size=self.cfg.batch_size)]
         images = np.stack([render(c, rng) for c in comps])
@@ -86,16 +88,21 @@ class PretrainModule(L.LightningModule):
         g = torch.Generator().manual_seed(derive_seed(self.seed, f"pretrain:{step}"))
         t = torch.randint(0, len(self.alphas_cumprod), (len(comps),), generator=g)
         noise = torch.randn((len(comps), 3, *images.shape[1:3]), generator=g)
-        return WorldPipeline.from_images(images), captions, t, noise
+        # Square and circle differ only in their corners, a few percent of the pixels, and
+        # only at mid noise does the caption decide them: with an unweighted loss the model
+        # learns to ignore the shape word (README: "shape binding").
+        corners = np.stack([shape_corners(image, BACKGROUND_RGB[c.background]) for image, c in zip(images, comps)])
+        weights = 1 + (self.cfg.shape_weight - 1) * torch.from_numpy(corners).float()[:, None]
+        return WorldPipeline.from_images(images), captions, t, noise, weights
 
     def training_step(self, batch, batch_idx):
-        x0, captions, t, noise = self.batch_for_step(self.global_step)
+        x0, captions, t, noise, weights = self.batch_for_step(self.global_step)
         alpha = self.alphas_cumprod[t].view(-1, 1, 1, 1)
         x_t = alpha.sqrt() * x0 + (1 - alpha).sqrt() * noise
         embeds = self.text_encoder(self.pipe.tokenize(captions)).last_hidden_state
         pred = self.unet(x_t, t, embeds).sample
         target = alpha.sqrt() * noise - (1 - alpha).sqrt() * x0  # v-prediction
-        mse = ((pred - target) ** 2).mean(dim=(1, 2, 3))
+        mse = (weights * (pred - target) ** 2).mean(dim=(1, 2, 3)) / weights.mean(dim=(1, 2, 3))
         # Min-SNR-γ clips the weight of nearly clean steps; the +1 keeps full weight on
         # the noisiest steps, where background and layout are decided (the plain
         # min(SNR,γ)/(SNR+1) form starves them: its weight → 0 as SNR → 0).

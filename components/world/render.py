@@ -19,6 +19,23 @@ def _shape_mask(shape: str, size: int) -> np.ndarray:
     return (yy - centre) ** 2 + (xx - centre) ** 2 <= (size / 2) ** 2
 
 
+def shape_corners(image: np.ndarray, background: tuple[int, int, int]) -> np.ndarray:
+    """Bool (H, W): the pixels of each shape's bounding box outside its inscribed disc.
+
+    There, and only there, a square and a circle of the same box differ: the pixels
+    that make the shape word matter to a denoising loss.
+    """
+    from scipy import ndimage
+
+    corners = np.zeros(image.shape[:2], dtype=bool)
+    labels, _ = ndimage.label(np.any(image != np.asarray(background, dtype=image.dtype), axis=-1))
+    for box in ndimage.find_objects(labels):
+        side = max(box[0].stop - box[0].start, box[1].stop - box[1].start)
+        disc = _shape_mask("circle", side)[:box[0].stop - box[0].start, :box[1].stop - box[1].start]
+        corners[box] |= ~disc
+    return corners
+
+
 def render(composition: Composition, rng: np.random.Generator, size: int = IMAGE_SIZE) -> np.ndarray:
     """A uint8 (size, size, 3) image; random sizes and positions drawn from ``rng``."""
     for _attempt in range(200):
