@@ -124,6 +124,7 @@ def main() -> None:
     params = project.params
     torch.set_num_threads(params.finetune.threads)
     base = models.load_pipeline(models.resolve(project, "base"))
+    base_version = models.model_version(models.resolve(project, "base"))
     base_alignment = alignment(base, params, seed=12345)
 
     start = time.monotonic()
@@ -135,6 +136,7 @@ def main() -> None:
         pipe = models.load_pipeline(project.path("models/candidate"))
     result["wall_minutes"] = round((time.monotonic() - start) / 60, 2)
     result["overrides"] = overrides
+    result["base_version"] = base_version
     result["base"] = base_alignment
     result["tuned"] = alignment(pipe, params, seed=12345)
     result["gain_points"] = {split: round(100 * (result["tuned"][split]["aligned"] - base_alignment[split]["aligned"]), 1)
