@@ -33,7 +33,10 @@ from tests.conftest import sibling_project
 def _settings(params: dict) -> None:
     params["world"]["model"].update(channels=[16, 32], text_dim=32, text_layers=1)
     params["pretrain"].update(steps=200, batch_size=16, warmup_steps=10, probe_every=10**6, checkpoint_every=10**6)
-    params["sample"]["steps"] = 8
+    # The pair is made to differ in backgrounds only: no shape weighting, and guidance 3,
+    # which brings out what each tiny model learnt about backgrounds.
+    params["pretrain"]["shape_weight"] = 1.0
+    params["sample"].update(steps=8, guidance_scale=3.0)
     params["generate"].update(images_per_prompt=2, shared_noise_group=1, batch_size=64, splits=["train"])
     params["reward"].update(kind="bradley_terry", steps=200, batch_size=32)
     params["evaluate"].update(max_prompts=12, images_per_prompt=2, grid_prompts=2)
