@@ -90,7 +90,7 @@ class PretrainModule(L.LightningModule):
         noise = torch.randn((len(comps), 3, *images.shape[1:3]), generator=g)
         # Square and circle differ only in their corners, a few percent of the pixels, and
         # only at mid noise does the caption decide them: with an unweighted loss the model
-        # learns to ignore the shape word (README: "shape binding").
+        # learns to ignore the shape word (README, "The synthetic world").
         corners = np.stack([shape_corners(image, BACKGROUND_RGB[c.background]) for image, c in zip(images, comps)])
         weights = 1 + (self.cfg.shape_weight - 1) * torch.from_numpy(corners).float()[:, None]
         return WorldPipeline.from_images(images), captions, t, noise, weights
