@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from components.world.grammar import Composition, all_compositions, parse_prompt, vocabulary
+from components.world.grammar import BACKGROUND_RGB, Composition, all_compositions, parse_prompt, vocabulary
 from components.world.judge import judge
-from components.world.grammar import BACKGROUND_RGB
 from components.world.render import IMAGE_SIZE, render, render_batch, shape_corners
 
 COMPOSITIONS = all_compositions()
