@@ -16,8 +16,9 @@ def _paths(entries) -> list[str]:
     return [next(iter(e)) if isinstance(e, dict) else e for e in entries or []]
 
 
-def runnable_stages(root: Path) -> tuple[list[str], dict[str, str]]:
-    """(stages that can run, {skipped stage: the missing input that blocks it})."""
+def runnable_stages(root: Path, unavailable: frozenset[str] = frozenset()) -> tuple[list[str], dict[str, str]]:
+    """(stages that can run, {skipped stage: the missing input that blocks it}); inputs
+    in ``unavailable`` count as missing (the demo labels a new round before retraining)."""
     stages = yaml.safe_load((root / "dvc.yaml").read_text()).get("stages", {})
     produced_by = {out: name for name, s in stages.items()
                    for out in _paths(s.get("outs")) + _paths(s.get("metrics")) + _paths(s.get("plots"))}
@@ -30,7 +31,7 @@ def runnable_stages(root: Path) -> tuple[list[str], dict[str, str]]:
                 continue
             for dep in _paths(stage.get("deps")):
                 producer = produced_by.get(dep)
-                blocked = producer in skipped if producer else not (root / dep).exists()
+                blocked = producer in skipped if producer else dep in unavailable or not (root / dep).exists()
                 if blocked:
                     skipped[name] = skipped.get(producer, dep) if producer else dep
                     changed = True

@@ -239,9 +239,13 @@ def cmd_demo(args) -> int:
     Stack(project).up()
     _use_embedded_prefect(project)
     from flows.loop import annotation_round, sync_annotations
+    from components.stage_graph import runnable_stages
     from flows.pipeline import reproduce, retrain
 
-    summary = reproduce(root=str(project.root))
+    # The stages before the labels: the retrain below rebuilds the rest from a fresh snapshot
+    # (the committed one may label images of an earlier base model).
+    before_labels, _ = runnable_stages(project.root, unavailable=frozenset({"data/labels"}))
+    summary = reproduce(root=str(project.root), targets=before_labels)
     annotation_round(root=str(project.root), simulated=True)
     sync_annotations(root=str(project.root))
     result = retrain(root=str(project.root))

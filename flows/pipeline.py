@@ -229,7 +229,7 @@ def retrain(root: str = ".", force: bool = False, push_outputs: bool = True) -> 
         not registry.is_production(project, decision["candidate"])
     promoted = promote(root, commit) if promotable else None
     pushed = push(root) if push_outputs else 0
-    rounds.mark_retrained(project, labels["annotations"])
+    rounds.mark_retrained(project, labels["annotations"] + labels["stale"])
     create_markdown_artifact(key="retrain-report", markdown=retrain_report(root, labels, decision, promoted),
                              description="Evaluation, gate decision and promotion of this retrain run")
     return {"ran": True, "new_labels": new, "labels": labels, "stages_run": stages_run, "gate": decision,
@@ -250,7 +250,8 @@ def _with_validation_failures(root: str, message: str) -> str:
 def retrain_report(root: str, labels: dict, decision: dict, promoted: dict | None) -> str:
     reports = Path(root) / "reports"
     lines = ["# Retrain", "", f"- label snapshot: {labels['annotations']} annotations, {labels['preferences']} "
-             f"preference pairs, agreement {labels['agreement_alpha']}",
+             f"preference pairs, agreement {labels['agreement_alpha']}"
+             + (f"; {labels['stale']} annotations of earlier generations left out" if labels["stale"] else ""),
              f"- gate: {'PASS' if decision['passed'] else 'FAIL'}"]
     lines += [f"  - {line}" for line in decision["failures"]]
     lines.append(f"- promoted: {promoted['tag']}" if promoted else "- production unchanged")

@@ -54,6 +54,17 @@ def test_snapshot_aggregates_tasks_and_derives_preferences(state, tmp_path):
     assert json.loads((tmp_path / "labels.json").read_text())["ties"] == 1
 
 
+
+def test_snapshot_leaves_out_labels_of_images_the_current_generations_do_not_include(state, tmp_path):
+    """After the base model or sampler changes, earlier images' labels stay in the stores
+    but cannot be paired with the new generations (nor their trajectories replayed)."""
+    current = {"g1", "g2", "g3", "g4", "g5", "g6", "b1", "b3"}  # b2 and the best-of-3 images came earlier
+    report = snapshot.snapshot(state, tmp_path / "labels", tmp_path / "labels.json", generations=current)
+    assert report["annotations"] == 10 and report["stale"] == 4
+    prefs = pd.read_parquet(tmp_path / "labels" / "preferences.parquet")
+    assert set(zip(prefs["winner"], prefs["loser"])) == {("g1", "g2"), ("g6", "g5"), ("b1", "b3")}
+    assert len(snapshot.load_stores(state)[0]) == 14  # nothing removed from the stores
+
 def test_krippendorff_alpha_matches_a_hand_computed_value():
     rows = [{"task_id": t, "choice": c} for t, pair in enumerate([("a", "a"), ("a", "b"), ("b", "b"), ("b", "b")])
             for c in pair]

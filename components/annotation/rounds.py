@@ -179,7 +179,11 @@ def snapshot_labels(project: Project) -> dict:
     """Freeze the stores into data/labels, versioned by DVC (the retrain pipeline's input)."""
     from components.dvc_remote import track
 
-    report = snap.snapshot(project.state_dir, project.path(snap.LABELS_DIR), project.path(snap.REPORT_OUT))
+    manifest = project.path(MANIFEST_OUT)
+    if not manifest.exists():
+        raise UserError(f"{manifest}: no generations to pair the labels with; run `dvc repro generate` first")
+    current = set(pd.read_parquet(manifest, columns=["generation_id"])["generation_id"])
+    report = snap.snapshot(project.state_dir, project.path(snap.LABELS_DIR), project.path(snap.REPORT_OUT), current)
     track(project, snap.LABELS_DIR)
     return report
 

@@ -1,7 +1,10 @@
 """Freeze the annotation stores into a versioned label dataset (the retrain pipeline's input).
 
 From every store under ``<state>/annotations/``: submitted annotations only
-(deleted ones dropped, skipped ones counted), then
+(deleted ones dropped, skipped ones counted) of the generations the labels are for —
+annotations of images an earlier base model or sampler made are counted as ``stale``
+and stay in the stores (the trainers pair labels with the current generations, whose
+trajectories they replay), then
 
 - ``tasks``: per task and kind, the votes, the majority choice (``tie`` when votes
   split evenly between the top choices), the annotator count and the share of
@@ -111,12 +114,18 @@ def preferences(tasks: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=PREFERENCE_COLUMNS)
 
 
-def snapshot(state_dir: Path, out_dir: Path, report_path: Path) -> dict:
+def snapshot(state_dir: Path, out_dir: Path, report_path: Path, generations: set[str] | None = None) -> dict:
+    """``generations``: the ids the snapshot may name (None: every stored annotation)."""
     annotations, skipped = load_stores(state_dir)
+    stale = 0
+    if generations is not None and len(annotations):
+        current = annotations["generation_ids"].map(lambda ids: set(ids) <= generations)
+        stale = int((~current).sum())
+        annotations = annotations[current].reset_index(drop=True)
     tasks = aggregate_tasks(annotations) if len(annotations) else pd.DataFrame()
     prefs = preferences(tasks) if len(tasks) else pd.DataFrame(columns=PREFERENCE_COLUMNS)
     report = {
-        "annotations": int(len(annotations)), "skipped": skipped, "tasks": int(len(tasks)),
+        "annotations": int(len(annotations)), "skipped": skipped, "stale": stale, "tasks": int(len(tasks)),
         "preferences": int(len(prefs)),
         "annotators": int(annotations["annotator"].nunique()) if len(annotations) else 0,
         "agreement_alpha": {kind: krippendorff_alpha(annotations[annotations.apply(kind_of, axis=1) == kind])
