@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 
 from components.errors import UserError
 from components.project import Project
+
+# Set by whoever runs the stages (the flows' `dvc repro` task): a file that collects
+# the stages' error lines, since DVC reports only the command's exit code.
+ERRORS_ENV = "ALIGNDIFF_STAGE_ERRORS"
+
+
+def report_errors(lines: list[str]) -> None:
+    """The lines on stderr, and into the $ALIGNDIFF_STAGE_ERRORS file if set."""
+    print("\n".join(lines), file=sys.stderr)
+    if os.environ.get(ERRORS_ENV):
+        with open(os.environ[ERRORS_ENV], "a", encoding="utf-8") as fh:
+            fh.write("\n".join(lines) + "\n")
 
 
 def run_stage(name: str, body: Callable[[Project], str]) -> int:
@@ -18,8 +31,7 @@ def run_stage(name: str, body: Callable[[Project], str]) -> int:
     try:
         summary = body(Project.load("."))
     except UserError as exc:
-        for line in str(exc).splitlines():
-            print(f"{name}: error: {line}", file=sys.stderr)
+        report_errors([f"{name}: error: {line}" for line in str(exc).splitlines()])
         return exc.exit_code
     print(f"{name}: {summary}")
     return 0

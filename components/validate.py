@@ -29,6 +29,7 @@ from components import feedback
 from components.annotation.snapshot import krippendorff_alpha
 from components.errors import UserError
 from components.project import Project
+from components.stage import report_errors
 
 REPORT_OUT = Path("reports/validation.json")
 DATASETS = ("prompts", "generations", "labels")
@@ -293,13 +294,13 @@ def report(project: Project, datasets: list[str] | None = None, full: bool = Fal
     try:
         summary = validate(project, datasets, full)
     except UserError as exc:
-        print(f"validate: error: {exc}", file=sys.stderr)
+        report_errors([f"validate: error: {exc}"])
         return exc.exit_code
     out = project.path(REPORT_OUT)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"success": summary["success"], "datasets": summary["datasets"]}, indent=2) + "\n")
     if not summary["success"]:
-        print("\n".join(failure_lines(summary)), file=sys.stderr)
+        report_errors(failure_lines(summary))
         return 1
     counts = ", ".join(f"{n}: {s['expectations']} expectations" for n, s in summary["datasets"].items())
     print(f"validate: all valid ({counts}); Data Docs: {summary['data_docs']}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from contextlib import chdir, contextmanager
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from components.errors import UserError
 from components.locking import file_lock
 from components.project import Project
 from components.reports import headline_metrics, inline_images
+from components.stage import ERRORS_ENV
 from components.stage_graph import runnable_stages
 
 
@@ -69,11 +71,15 @@ def gpu_slot(root: str, needed: bool | None = None):
 def repro(root: str, targets: list[str] | None = None) -> list[str]:
     from dvc.exceptions import DvcException
 
-    with _dvc_repo(root) as repo, gpu_slot(root):
+    with _dvc_repo(root) as repo, gpu_slot(root), tempfile.NamedTemporaryFile("r", suffix=".log") as errors:
+        os.environ[ERRORS_ENV] = errors.name  # the stages write their one-line reasons here
         try:
             stages = repo.reproduce(targets=targets or None)
         except DvcException as exc:
-            raise UserError(_one_line(exc)) from None
+            reasons = [line for line in errors.read().splitlines() if line.strip()]
+            raise UserError(f"{exc}: {'; '.join(reasons)}" if reasons else _one_line(exc)) from None
+        finally:
+            os.environ.pop(ERRORS_ENV, None)
     return [stage.addressing for stage in stages]
 
 
@@ -220,7 +226,7 @@ def retrain(root: str = ".", force: bool = False, push_outputs: bool = True) -> 
     try:
         stages_run = repro(root, ["gate"])
     except UserError as exc:
-        raise UserError(_with_validation_failures(root, str(exc))) from None
+        raise UserError(f"{exc}; production unchanged") from None
     decision = json.loads((Path(root) / "reports" / "gate.json").read_text())
     commit = record(root, f"Retrain on {labels['annotations']} annotations: {', '.join(stages_run) or 'no change'}")
     from components import registry
@@ -234,17 +240,6 @@ def retrain(root: str = ".", force: bool = False, push_outputs: bool = True) -> 
                              description="Evaluation, gate decision and promotion of this retrain run")
     return {"ran": True, "new_labels": new, "labels": labels, "stages_run": stages_run, "gate": decision,
             "promoted": promoted, "commit": commit, "pushed": pushed}
-
-
-def _with_validation_failures(root: str, message: str) -> str:
-    """A failed validate stage: its failed expectations are the reason worth reading."""
-    import json
-
-    report = Path(root) / "reports" / "validation.json"
-    if "'validate'" not in message or not report.exists():
-        return message
-    failures = [f for d in json.loads(report.read_text())["datasets"].values() for f in d["failures"]]
-    return "\n".join(["validation failed; production unchanged:", *failures]) if failures else message
 
 
 def retrain_report(root: str, labels: dict, decision: dict, promoted: dict | None) -> str:

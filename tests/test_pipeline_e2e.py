@@ -77,6 +77,22 @@ def test_reproduce_builds_every_stage_then_does_nothing(pipeline_project, prefec
     assert second["stages_run"] == []
     assert yaml.safe_load((root / "dvc.lock").read_text()) == lock
 
+    # a failing stage's own one-line reason, not only DVC's exit code, is the flow's message
+    params_text = (root / "params.yaml").read_text()
+    params = yaml.safe_load(params_text)
+    params["curate"]["sources"] = ["world", "prompts/extra.csv"]
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (root / "prompts").mkdir(exist_ok=True)
+    (root / "prompts" / "extra.csv").write_text("text\nthree red squares\n")
+    try:
+        state = reproduce(root=str(pipeline_project), return_state=True)
+    finally:
+        (root / "params.yaml").write_text(params_text)
+        (root / "prompts" / "extra.csv").unlink()
+    assert state.is_failed()
+    assert "failed to reproduce 'curate': curate: error: " in state.message
+    assert "extra.csv:1: no 'prompt' column (found: text)" in state.message
+
 
 @pytest.mark.slow
 def test_generate_flow_makes_shards_as_parallel_tasks_then_merges(pipeline_project, prefect_api):
