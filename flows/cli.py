@@ -238,8 +238,8 @@ def cmd_demo(args) -> int:
     project = _project(args)
     Stack(project).up()
     _use_embedded_prefect(project)
-    from flows.loop import annotation_round, sync_annotations
     from components.stage_graph import runnable_stages
+    from flows.loop import annotation_round, sync_annotations
     from flows.pipeline import reproduce, retrain
 
     # The stages before the labels: the retrain below rebuilds the rest from a fresh snapshot
