@@ -238,13 +238,14 @@ def cmd_demo(args) -> int:
     project = _project(args)
     Stack(project).up()
     _use_embedded_prefect(project)
+    from components.annotation.snapshot import LABELS_DIR
     from components.stage_graph import runnable_stages
     from flows.loop import annotation_round, sync_annotations
     from flows.pipeline import reproduce, retrain
 
     # The stages before the labels: the retrain below rebuilds the rest from a fresh snapshot
     # (the committed one may label images of an earlier base model).
-    before_labels, _ = runnable_stages(project.root, unavailable=frozenset({"data/labels"}))
+    before_labels, _ = runnable_stages(project.root, unavailable=frozenset({str(LABELS_DIR)}))
     summary = reproduce(root=str(project.root), targets=before_labels)
     annotation_round(root=str(project.root), simulated=True)
     sync_annotations(root=str(project.root))
