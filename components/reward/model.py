@@ -75,13 +75,11 @@ class RewardScorer:
         """uint8 (N, H, W, 3) → the model's input, (N, 3, H, W) in [-1, 1]."""
         return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
 
-    def tokens(self, prompts: list[str]) -> torch.Tensor:
-        return self.tokenizer(prompts, padding="max_length", max_length=self.model.config.max_tokens, truncation=True,
-                              return_tensors="pt").input_ids
-
     def logits(self, pixels: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         """Per-head logits for prepared images."""
-        return self.model(pixels, self.tokens(prompts))
+        tokens = self.tokenizer(prompts, padding="max_length", max_length=self.model.config.max_tokens,
+                                truncation=True, return_tensors="pt").input_ids
+        return self.model(pixels, tokens)
 
     @torch.no_grad()
     def head_rewards(self, images: np.ndarray, prompts: list[str], batch_size: int = 256) -> np.ndarray:
