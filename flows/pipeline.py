@@ -93,9 +93,11 @@ def _one_line(exc: BaseException) -> str:
 
 
 @task(name="dvc push", retries=3, retry_delay_seconds=[2, 10, 30])
-def push(root: str) -> int:
+def push(root: str, targets: list[str] | None = None) -> int:
+    """Push the outputs of ``targets`` and the stages they depend on (all without targets):
+    a fresh clone has no data for the stages it has not run yet, and pushing them would warn."""
     with _dvc_repo(root) as repo:
-        return repo.push()
+        return repo.push(targets=targets or None, with_deps=bool(targets))
 
 
 @task(name="read metrics")
@@ -118,7 +120,7 @@ def reproduce(root: str = ".", targets: list[str] | None = None, push_outputs: b
             print(f"skipping {stage}: {missing} does not exist yet")
         targets = runnable if skipped else None
     stages_run = repro(root, targets)
-    pushed = push(root) if push_outputs else 0
+    pushed = push(root, targets) if push_outputs else 0
     metrics = read_metrics(root)
     lines = ["# dvc repro", f"- stages run: {', '.join(stages_run) or 'none (all up to date)'}",
              f"- files pushed to the DVC remote: {pushed}"]
@@ -169,7 +171,7 @@ def generate(root: str = ".", shards: int | None = None, push_outputs: bool = Tr
     for summary in futures.result():
         print(summary)
     stages_run = repro(root, ["generate"])
-    pushed = push(root) if push_outputs else 0
+    pushed = push(root, ["generate"]) if push_outputs else 0
     return {"shards": count, "stages_run": [*upstream, *stages_run], "pushed": pushed}
 
 
