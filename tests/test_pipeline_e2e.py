@@ -125,6 +125,7 @@ def _retrain_settings(params: dict) -> None:
     # a 4-step base draws nothing the judge calls aligned: no class balance, pairs for the reward
     params["validate"].update(min_labels=50, min_agreement=0.0, min_good_share=0.0)
     params["reward"].update(kind="bradley_terry", steps=10, batch_size=16)
+    params["finetune"]["method"] = "d3po"  # the method that replays Label Studio's pairs' trajectories
     params["finetune"]["d3po"].update(epochs=1, pairs_per_batch=8, timestep_fraction=0.34)
     params["evaluate"].update(max_prompts=4, images_per_prompt=2)
     # a random tiny model cannot beat itself on purpose: let any candidate through
