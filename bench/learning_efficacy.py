@@ -10,7 +10,9 @@ with the simulated annotators' policy (3 votes, 10% flips; the Label Studio roun
 tested elsewhere) → train the reward model (PRDP, reward-weighted) → fine-tune → judge
 alignment of base and candidate on seen compositions (4 images each, 288) and on the
 compositions held out of pre-training (8 each, 192), same seeds for both models.
-``--control`` continues pre-training the base for the same wall time instead.
+``--control MINUTES`` continues pre-training the base for that wall time instead;
+``--method reward_weighted --pretraining-term-only`` runs that method's pre-training term
+alone (the same LoRA, learning rate and steps; no feedback).
 Results are appended to bench/results/efficacy.jsonl (wall minutes on this machine).
 """
 
@@ -23,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 
@@ -110,14 +113,37 @@ def continued_pretraining(project: Project, minutes: float) -> tuple[object, int
     return module.ema_pipeline(), trainer.global_step
 
 
+def pretraining_term_only(project: Project):
+    """The control for reward-weighted fine-tuning: its pre-training term alone (every
+    feedback weight zero), with the same LoRA, learning rate and steps."""
+    from components.finetune import methods
+    from components.finetune.stage import encode_text, prior_batches, trainer_for
+    from components.world.render import IMAGE_SIZE
+
+    params = project.params
+    cfg = params.finetune
+    pipe = models.load_pipeline(models.resolve(project, "base"))
+    module = methods.RewardWeighted(pipe, cfg, params.seed, torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE),
+                                    encode_text(pipe, ["one red circle on a white background"]), torch.zeros(1),
+                                    prior_batches(project, pipe, None, None))
+    module.schedule = [np.zeros(1, int)]
+    trainer, loader = trainer_for(cfg, cfg.reward_weighted.steps, [])
+    trainer.fit(module, loader)
+    return module.pipe
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--method", choices=["d3po", "prdp", "reward_weighted", "diffusion_dpo"], default="d3po")
     ap.add_argument("--images-per-prompt", type=int, default=8)
     ap.add_argument("--set", action="append", default=[], help="params override, e.g. finetune.d3po.lr=1e-4")
     ap.add_argument("--control", type=float, default=None, help="continue pre-training for this many minutes")
+    ap.add_argument("--pretraining-term-only", action="store_true",
+                    help="reward-weighted fine-tuning with every feedback weight zero (its control)")
     ap.add_argument("--scratch", default=str(REPO / ".aligndiff" / "bench" / "efficacy"))
     args = ap.parse_args()
+    if args.pretraining_term_only and args.method != "reward_weighted":
+        ap.error("--pretraining-term-only is the control of --method reward_weighted")
 
     overrides = [f"generate.images_per_prompt={args.images_per_prompt}", f"finetune.method={args.method}", *args.set]
     project = scratch_project(Path(args.scratch), overrides)
@@ -131,6 +157,9 @@ def main() -> None:
     if args.control is not None:
         pipe, steps = continued_pretraining(project, args.control)
         result = {"method": "continued_pretraining", "steps": steps}
+    elif args.pretraining_term_only:
+        pipe = pretraining_term_only(project)
+        result = {"method": "reward_weighted_pretraining_term_only", "steps": params.finetune.reward_weighted.steps}
     else:
         result = {"method": args.method, **feedback_round(project, args.method)}
         pipe = models.load_pipeline(project.path("models/candidate"))
