@@ -270,7 +270,7 @@ class DiffusionDpoParams(_Strict):
 
 
 class FinetuneParams(_Strict):
-    method: Literal["d3po", "prdp", "reward_weighted", "diffusion_dpo"] = "reward_weighted"
+    method: Literal["d3po", "prdp", "reward_weighted", "diffusion_dpo"] = "d3po"
     init: str = "production"  # the model fine-tuned (and the frozen reference): production | base | PATH
     lora: LoraParams = LoraParams()
     precision: str = "32-true"  # Lightning precision, e.g. bf16-mixed on GPUs
