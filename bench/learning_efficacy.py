@@ -98,13 +98,15 @@ def feedback_round(project: Project, method: str) -> dict:
 
 def continued_pretraining(project: Project, minutes: float) -> tuple[object, int]:
     """The control: keep pre-training the base on fresh batches (another seed) at a small
-    constant learning rate for ``minutes``; the EMA weights are evaluated, as for the base."""
+    constant learning rate for ``minutes``, on the plain loss of pre-training's last phase;
+    the EMA weights are evaluated, as for the base."""
     import lightning as L
 
     from components.world.pretrain import PretrainModule
 
     params = project.params
-    cfg = params.pretrain.model_copy(update={"lr": 1e-4, "warmup_steps": 1, "steps": 10**6})
+    cfg = params.pretrain.model_copy(update={"lr": 1e-4, "warmup_steps": 1, "steps": 10**6,
+                                            "shape_weight_steps": 0})
     params = params.model_copy(update={"seed": params.seed + 1, "pretrain": cfg})
     module = PretrainModule(models.load_pipeline(models.resolve(project, "base")), params)
     trainer = L.Trainer(max_time={"minutes": minutes}, max_steps=-1, accelerator="cpu", logger=False,

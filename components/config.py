@@ -164,6 +164,7 @@ class PretrainParams(_Strict):
     cfg_dropout: float = Field(0.1, ge=0, lt=1)
     min_snr_gamma: float = Field(5.0, gt=0)
     shape_weight: float = Field(8.0, ge=1)  # loss weight of the pixels where a square and a circle differ
+    shape_weight_steps: int = Field(1000, ge=0)  # steps that weight them; the rest train on the plain loss
     caption_noise: CaptionNoise = CaptionNoise()
     probe_every: int = Field(200, ge=1)  # steps between alignment probes (the training curve)
     probe_images_per_composition: int = Field(1, ge=1)

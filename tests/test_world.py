@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 import pytest
 from scipy import ndimage
 
@@ -97,3 +98,18 @@ def test_judge_is_robust_to_generation_noise(noise, blur):
 def test_judge_refuses_prompts_outside_the_grammar():
     with pytest.raises(ValueError, match="not in the world grammar"):
         judge(np.zeros((32, 32, 3), np.uint8), "a photo of a cat")
+
+
+def test_pretraining_weights_shape_corners_then_finishes_on_the_plain_loss():
+    """Image-dependent weights bias the denoiser (squares bloat, circles shrink): only the
+    first ``shape_weight_steps`` use them; the steps after train on the plain loss."""
+    from components.config import parse_params
+    from components.world.model import WorldPipeline
+    from components.world.pretrain import PretrainModule
+    from tests.models import TINY_WORLD
+
+    params = parse_params({"pretrain": {"batch_size": 4, "shape_weight": 8.0, "shape_weight_steps": 3}})
+    module = PretrainModule(WorldPipeline.from_config_params(TINY_WORLD, seed=0), params)
+    weighted, plain = module.batch_for_step(2)[-1], module.batch_for_step(3)[-1]
+    assert set(weighted.unique().tolist()) == {1.0, 8.0}
+    assert torch.equal(plain, torch.ones_like(plain))
