@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 import pytest
+import torch
 from scipy import ndimage
 
 from components.world.grammar import BACKGROUND_RGB, Composition, all_compositions, parse_prompt, vocabulary
