@@ -125,6 +125,30 @@ def test_prdp_loss_at_initialisation_is_the_squared_scaled_reward_difference(bas
     assert float(stats["clip_fraction"]) == 0
 
 
+def test_prdp_gradient_is_the_same_with_per_step_checkpointing(base_dir, monkeypatch):
+    """Checkpointing the steps saves memory (bench/prdp_memory.py) and must not change the update."""
+    def brightness(images, prompts):
+        return images.reshape(len(images), -1).mean(axis=1) / 255.0
+
+    cfg = FinetuneParams(method="prdp", prdp={"prompts_per_epoch": 2, "images_per_prompt": 3, "clip": 0.05})
+    grads = []
+    for checkpointed in (True, False):
+        if not checkpointed:
+            monkeypatch.setattr(methods, "checkpoint", lambda fn, *args, **kwargs: fn(*args))
+        module = methods.PRDP(fresh(base_dir), cfg, seed=0, prompts=[PROMPT, "one blue square on a black background"],
+                              reward_fn=brightness, sampler=SAMPLER)
+        with torch.no_grad():  # move the policy off the reference, so the ratios (and the clip) matter
+            for p in module.trainable():
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        module.resample(0)
+        loss, _ = module.prdp_loss(module.epoch_samples, list(range(SAMPLER.steps)))
+        loss.backward()
+        grads.append([p.grad.clone() for p in module.trainable()])
+    assert any(float(g.abs().max()) > 0 for g in grads[0])
+    for with_checkpoints, without in zip(*grads):
+        torch.testing.assert_close(with_checkpoints, without, rtol=1e-4, atol=1e-7)
+
+
 def test_diffusion_dpo_loss_is_log_2_at_initialisation_and_learns_the_preference(base_dir):
     pipe = fresh(base_dir)
     images = sample(pipe, [PROMPT] * 4, [0, 1, 2, 3], SAMPLER, record=False).images

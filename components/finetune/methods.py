@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from components.config import FinetuneParams
 from components.finetune.core import PolicyModule, denoising_mse
@@ -148,10 +149,17 @@ class PRDP(PolicyModule):
         traj, c = s["traj"], self.cfg.prdp
         if not len(s["a"]):  # every image of every prompt scored the same: nothing to learn
             return sum(p.sum() * 0 for p in self.trainable()), {}
-        policy = torch.stack([
-            step_log_prob(self.unet, self.pipe.scheduler, traj.latents[:, i], int(traj.timesteps[i]),
-                          int(self.prevs[i]), traj.latents[:, i + 1], traj.prompt_embeds, traj.negative_embeds,
-                          self.sampler) for i in steps], dim=1)
+
+        def policy_step(i: int) -> torch.Tensor:
+            return step_log_prob(self.unet, self.pipe.scheduler, traj.latents[:, i], int(traj.timesteps[i]),
+                                 int(self.prevs[i]), traj.latents[:, i + 1], traj.prompt_embeds,
+                                 traj.negative_embeds, self.sampler)
+
+        # The squared pair loss couples every step of every image, so without checkpointing the
+        # backward pass holds the UNet activations of all of them at once (the defaults, 128
+        # images × 10 steps, need more than 24 GiB); this way it holds one step's.
+        policy = torch.stack([checkpoint(policy_step, i, use_reentrant=False) if torch.is_grad_enabled()
+                              else policy_step(i) for i in steps], dim=1)
         device = policy.device  # the samples were recorded on the CPU
         reference, old = s["ref"][:, steps].to(device), traj.log_probs[:, steps].to(device)
         ratio, old_ratio = policy - reference, old - reference
