@@ -158,8 +158,7 @@ class PRDP(PolicyModule):
         # The squared pair loss couples every step of every image, so without checkpointing the
         # backward pass holds the UNet activations of all of them at once (the defaults, 128
         # images × 10 steps, need more than 24 GiB); this way it holds one step's.
-        policy = torch.stack([checkpoint(policy_step, i, use_reentrant=False) if torch.is_grad_enabled()
-                              else policy_step(i) for i in steps], dim=1)
+        policy = torch.stack([checkpoint(policy_step, i, use_reentrant=False) for i in steps], dim=1)
         device = policy.device  # the samples were recorded on the CPU
         reference, old = s["ref"][:, steps].to(device), traj.log_probs[:, steps].to(device)
         ratio, old_ratio = policy - reference, old - reference
