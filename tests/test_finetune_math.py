@@ -104,12 +104,13 @@ def test_no_gradient_once_the_ratio_leaves_the_clip_band(base_dir):
     assert any(float(p.grad.abs().max()) > 0 for p in inside.trainable() if p.grad is not None)
 
 
+def brightness(images, prompts):
+    """A reward that needs no model: the mean pixel value."""
+    return images.reshape(len(images), -1).mean(axis=1) / 255.0
+
+
 def test_prdp_loss_at_initialisation_is_the_squared_scaled_reward_difference(base_dir):
     pipe = fresh(base_dir)
-
-    def brightness(images, prompts):
-        return images.reshape(len(images), -1).mean(axis=1) / 255.0
-
     cfg = FinetuneParams(method="prdp", prdp={"prompts_per_epoch": 2, "images_per_prompt": 3, "beta": 0.5})
     module = methods.PRDP(pipe, cfg, seed=0, prompts=[PROMPT, "one blue square on a black background"],
                           reward_fn=brightness, sampler=SAMPLER)
@@ -127,9 +128,6 @@ def test_prdp_loss_at_initialisation_is_the_squared_scaled_reward_difference(bas
 
 def test_prdp_gradient_is_the_same_with_per_step_checkpointing(base_dir, monkeypatch):
     """Checkpointing the steps saves memory (bench/prdp_memory.py) and must not change the update."""
-    def brightness(images, prompts):
-        return images.reshape(len(images), -1).mean(axis=1) / 255.0
-
     cfg = FinetuneParams(method="prdp", prdp={"prompts_per_epoch": 2, "images_per_prompt": 3, "clip": 0.05})
     grads = []
     for checkpointed in (True, False):
