@@ -95,6 +95,25 @@ def test_judge_is_robust_to_generation_noise(noise, blur):
     assert agree / (3 * len(COMPOSITIONS)) >= 0.95
 
 
+def test_judge_tells_ragged_squares_from_circles_by_their_corners():
+    """Generated squares come out pinched: notched edges, a corner pixel lost. They fill
+    about 0.85 of their box, as much as a small disc, but their corners stay filled."""
+    rng = np.random.default_rng(2)
+    for c in [c for c in COMPOSITIONS if c.shape == "square"]:
+        image = render(c, rng)
+        labels, n = ndimage.label(np.any(image != BACKGROUND_RGB[c.background], axis=-1))
+        for box in ndimage.find_objects(labels):
+            (y0, y1), (x0, x1) = (box[0].start, box[0].stop), (box[1].start, box[1].stop)
+            ym, xm = (y0 + y1) // 2, (x0 + x1) // 2
+            for y, x in [(y0, xm - 1), (y0, xm), (y0, xm + 1), (y1 - 1, xm - 1), (y1 - 1, xm), (y1 - 1, xm + 1),
+                         (ym - 1, x0), (ym, x0), (ym + 1, x0), (ym - 1, x1 - 1), (ym, x1 - 1), (ym + 1, x1 - 1),
+                         (y0, x0), (y1 - 1, x1 - 1)]:
+                image[y, x] = BACKGROUND_RGB[c.background]
+        verdict = judge(image, c)
+        assert verdict.shape and verdict.count, (c.prompt, verdict.reason)
+        assert not judge(image, c.with_value("shape", "circle")).shape
+
+
 def test_judge_refuses_prompts_outside_the_grammar():
     with pytest.raises(ValueError, match="not in the world grammar"):
         judge(np.zeros((32, 32, 3), np.uint8), "a photo of a cat")

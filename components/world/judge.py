@@ -1,10 +1,11 @@
 """A programmatic judge: does an image show what its prompt says?
 
 Robust to the noise of generated images: the background is the nearest palette
-background of the border pixels; each
-pixel takes the nearest palette colour (or the background, if nearer); shapes are connected components above a
-minimum area, told apart by how much of their bounding box they fill (a square
-fills all of it, a disc about π/4).
+background of the border pixels; each pixel takes the nearest palette colour (or the
+background, if nearer); shapes are connected components above a minimum area, told
+apart by their bounding box's corners: a square fills them, a disc leaves them empty.
+Generated squares come out pinched (notched edges, rounded corners) and fill about 0.85
+of their box, as much as a small rendered disc, so the fill ratio cannot tell them apart.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from components.world.grammar import BACKGROUND_RGB, COLOURS, COUNTS, PALETTE, C
 
 MIN_AREA = 10  # pixels; smaller blobs are noise
 MIN_CONTRAST = 40.0  # RGB distance from the background below which a pixel is background noise
-SQUARE_FILL = 0.89  # fill ratio above this is a square, below a circle
+CORNER_FILL = 0.3  # share of the bounding box outside its inscribed ellipse (×1.1) filled: above, a square
 
 _PALETTE = np.array([PALETTE[c] for c in COLOURS], dtype=np.float32)
 _BACKGROUNDS = list(BACKGROUND_RGB)
@@ -47,6 +48,14 @@ class Verdict:
         return int(self.count) + int(self.colour) + int(self.shape) + int(self.background)
 
 
+def corner_fill(blob: np.ndarray) -> float:
+    """Filled share of a blob's bounding-box corners (outside 1.1× its inscribed ellipse)."""
+    h, w = blob.shape
+    yy, xx = np.mgrid[:h, :w]
+    corners = ((yy + 0.5 - h / 2) / (h / 2)) ** 2 + ((xx + 0.5 - w / 2) / (w / 2)) ** 2 > 1.21
+    return float(blob[corners].mean()) if corners.any() else 0.0
+
+
 def _number(n: int) -> str:
     return COUNTS[n - 1] if 1 <= n <= len(COUNTS) else str(n)
 
@@ -72,8 +81,7 @@ def inspect(image: np.ndarray) -> tuple[str, list[tuple[str, str]]]:
         if area < MIN_AREA:
             continue
         colour = COLOURS[int(np.bincount(nearest[box][blob], minlength=len(COLOURS)).argmax())]
-        fill = area / blob.size
-        objects.append((colour, "square" if fill >= SQUARE_FILL else "circle"))
+        objects.append((colour, "square" if corner_fill(blob) >= CORNER_FILL else "circle"))
     return background, objects
 
 

@@ -1,4 +1,10 @@
-"""Render a composition as a 32×32 RGB image of filled, non-overlapping shapes."""
+"""Render a composition as a 32×32 RGB image of filled, non-overlapping shapes.
+
+Each shape sits in its own cell of a 2×2 grid, filled in reading order. With shapes
+anywhere, a 1.1M-parameter UNet could not count: fine-tuned on nothing but its own
+three-object samples, it still drew three objects half the time. In cells the layout
+encodes the count, so what the base gets wrong is what its captions taught it.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,6 @@ from components.world.grammar import BACKGROUND_RGB, PALETTE, Composition
 
 IMAGE_SIZE = 32
 MIN_SIZE, MAX_SIZE = 8, 12  # side / diameter in pixels
-GAP = 2  # pixels kept free between shapes, so they stay separate components
 
 
 def _shape_mask(shape: str, size: int) -> np.ndarray:
@@ -37,27 +42,17 @@ def shape_corners(image: np.ndarray, background: tuple[int, int, int]) -> np.nda
 
 
 def render(composition: Composition, rng: np.random.Generator, size: int = IMAGE_SIZE) -> np.ndarray:
-    """A uint8 (size, size, 3) image; random sizes and positions drawn from ``rng``."""
-    for _attempt in range(200):
-        image = np.empty((size, size, 3), dtype=np.uint8)
-        image[:] = BACKGROUND_RGB[composition.background]
-        occupied = np.zeros((size, size), dtype=bool)
-        placed = 0
-        for _ in range(composition.count):
-            for _try in range(50):
-                s = int(rng.integers(MIN_SIZE, MAX_SIZE + 1))
-                y, x = (int(v) for v in rng.integers(0, size - s + 1, size=2))
-                y0, x0 = max(0, y - GAP), max(0, x - GAP)
-                if occupied[y0:y + s + GAP, x0:x + s + GAP].any():
-                    continue
-                mask = _shape_mask(composition.shape, s)
-                image[y:y + s, x:x + s][mask] = PALETTE[composition.colour]
-                occupied[y:y + s, x:x + s] = True
-                placed += 1
-                break
-        if placed == composition.count:
-            return image
-    raise RuntimeError(f"could not place {composition.count} shapes in {size}×{size}")
+    """A uint8 (size, size, 3) image; shapes fill the first ``count`` slots of a 2×2 grid in
+    reading order, each with a random size and position inside its slot."""
+    image = np.empty((size, size, 3), dtype=np.uint8)
+    image[:] = BACKGROUND_RGB[composition.background]
+    half = size // 2
+    for slot in range(composition.count):
+        s = int(rng.integers(MIN_SIZE, MAX_SIZE + 1))
+        top, left = (slot // 2) * half, (slot % 2) * half
+        y, x = (int(v) for v in rng.integers(1, half - s, size=2))  # ≥ 1 px margin: shapes stay apart
+        image[top + y:top + y + s, left + x:left + x + s][_shape_mask(composition.shape, s)] = PALETTE[composition.colour]
+    return image
 
 
 def render_batch(compositions: list[Composition], seed: int, size: int = IMAGE_SIZE) -> np.ndarray:
