@@ -42,14 +42,14 @@ def shape_corners(image: np.ndarray, background: tuple[int, int, int]) -> np.nda
 
 
 def render(composition: Composition, rng: np.random.Generator, size: int = IMAGE_SIZE) -> np.ndarray:
-    """A uint8 (size, size, 3) image; shapes fill the first ``count`` slots of a 2×2 grid in
-    reading order, each with a random size and position inside its slot."""
+    """A uint8 (size, size, 3) image; shapes fill the first ``count`` cells of a 2×2 grid in
+    reading order, each with a random size and position inside its cell."""
     image = np.empty((size, size, 3), dtype=np.uint8)
     image[:] = BACKGROUND_RGB[composition.background]
     half = size // 2
-    for slot in range(composition.count):
+    for cell in range(composition.count):
         s = int(rng.integers(MIN_SIZE, MAX_SIZE + 1))
-        top, left = (slot // 2) * half, (slot % 2) * half
+        top, left = (cell // 2) * half, (cell % 2) * half
         y, x = (int(v) for v in rng.integers(1, half - s, size=2))  # ≥ 1 px margin: shapes stay apart
         image[top + y:top + y + s, left + x:left + x + s][_shape_mask(composition.shape, s)] = PALETTE[composition.colour]
     return image
