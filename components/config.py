@@ -151,7 +151,7 @@ class CurateParams(_Strict):
 
 
 class CaptionNoise(_Strict):
-    count_off_by_one: float = Field(0.35, ge=0, le=1)
+    count_off_by_one: float = Field(0.5, ge=0, le=1)
     wrong_background: float = Field(0.20, ge=0, le=1)
 
 

@@ -101,7 +101,7 @@ def test_judge_tells_ragged_squares_from_circles_by_their_corners():
     rng = np.random.default_rng(2)
     for c in [c for c in COMPOSITIONS if c.shape == "square"]:
         image = render(c, rng)
-        labels, n = ndimage.label(np.any(image != BACKGROUND_RGB[c.background], axis=-1))
+        labels, _ = ndimage.label(np.any(image != BACKGROUND_RGB[c.background], axis=-1))
         for box in ndimage.find_objects(labels):
             (y0, y1), (x0, x1) = (box[0].start, box[0].stop), (box[1].start, box[1].stop)
             ym, xm = (y0 + y1) // 2, (x0 + x1) // 2
