@@ -253,10 +253,10 @@ class PrdpParams(_Strict):
 
 
 class RewardWeightedParams(_Strict):
-    lr: float = Field(3e-4, gt=0, le=1)
-    steps: int = Field(300, ge=1)
+    lr: float = Field(1e-3, gt=0, le=1)
+    steps: int = Field(800, ge=1)
     batch_size: int = Field(32, ge=1)
-    pretrain_weight: float = Field(1.0, ge=0)  # β of the pre-training term
+    pretrain_weight: float = Field(0.0, ge=0)  # β of the pre-training term
     # unlabelled generations count as good when the reward model says so (semi-supervised)
     reward_threshold: float = Field(0.5, ge=0, le=1)
 
@@ -271,7 +271,7 @@ class DiffusionDpoParams(_Strict):
 
 
 class FinetuneParams(_Strict):
-    method: Literal["d3po", "prdp", "reward_weighted", "diffusion_dpo"] = "d3po"
+    method: Literal["d3po", "prdp", "reward_weighted", "diffusion_dpo"] = "reward_weighted"
     init: str = "production"  # the model fine-tuned (and the frozen reference): production | base | PATH
     lora: LoraParams = LoraParams()
     precision: str = "32-true"  # Lightning precision, e.g. bf16-mixed on GPUs

@@ -23,7 +23,7 @@ from tests.test_training_stages import _project
 def tuned(stack_project, tmp_path_factory):
     project = _project(stack_project, tmp_path_factory.mktemp("evaluation") / "project",
                        **{"evaluate.max_prompts": 4, "evaluate.images_per_prompt": 2, "evaluate.grid_prompts": 3,
-                          "finetune.d3po.lr": 1e-2})
+                          "finetune.method": "d3po", "finetune.d3po.lr": 1e-2})
     for args in (["init", "-q"], ["config", "user.email", "t@example.org"], ["config", "user.name", "t"]):
         subprocess.run(["git", *args], cwd=project.root, check=True)
     subprocess.run(["git", "commit", "-q", "--allow-empty", "-m", "start"], cwd=project.root, check=True)
