@@ -7,7 +7,9 @@ World encoders, trained here (the sd15/sdxl profiles put heads on a frozen CLIP
 instead: ``components/reward/clip.py``): a small CNN over the 32×32 image, modulated (FiLM) by a
 prompt encoder over the world's word-level tokens (word embeddings in their sentence
 positions, so "two red" and "red two" differ), then global mean- and max-pooling (how
-much of a colour is present, and where) and an MLP.
+much of a colour is present) plus mean-pooling over a coarse ``layout_grid`` of regions
+(where it is: counting needs it, since one large shape covers as much as two small
+ones), and an MLP.
 
 Ensemble: ``heads`` independent output heads on the shared trunk; each is trained on
 its own bootstrap weighting of every batch, so their spread is a disagreement signal
@@ -31,7 +33,7 @@ class RewardModel(ModelMixin, ConfigMixin):
 
     @register_to_config
     def __init__(self, vocab_size: int = 32, max_tokens: int = 12, width: int = 64, word_dim: int = 32,
-                 heads: int = 3, image_size: int = 32):
+                 heads: int = 3, image_size: int = 32, layout_grid: int = 2):
         super().__init__()
         self.words = nn.Embedding(vocab_size, word_dim)
         self.positions = nn.Parameter(torch.zeros(max_tokens, word_dim))
@@ -41,7 +43,8 @@ class RewardModel(ModelMixin, ConfigMixin):
         self.film = nn.Linear(2 * width, 2 * width)
         self.body = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.GELU(),
                                   nn.Conv2d(width, width, 3, padding=1), nn.GELU())
-        self.mlp = nn.Sequential(nn.Linear(2 * width + 2 * width, 2 * width), nn.GELU())
+        self.layout = nn.AdaptiveAvgPool2d(layout_grid)
+        self.mlp = nn.Sequential(nn.Linear((2 + layout_grid ** 2) * width + 2 * width, 2 * width), nn.GELU())
         self.out = nn.Linear(2 * width, heads)
 
     def encode_text(self, token_ids: torch.Tensor) -> torch.Tensor:
@@ -54,7 +57,8 @@ class RewardModel(ModelMixin, ConfigMixin):
         scale, shift = self.film(text).chunk(2, dim=1)
         features = self.stem(images) * (1 + scale[..., None, None]) + shift[..., None, None]
         features = self.body(features)
-        pooled = torch.cat([features.mean(dim=(2, 3)), features.amax(dim=(2, 3)), text], dim=1)
+        pooled = torch.cat([features.mean(dim=(2, 3)), features.amax(dim=(2, 3)), self.layout(features).flatten(1),
+                            text], dim=1)
         return self.out(self.mlp(pooled))
 
 
