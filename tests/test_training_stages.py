@@ -115,6 +115,16 @@ def test_prompt_classification_scores_the_original_prompt_with_the_network(label
     assert scorer.model.words.weight.grad is not None
 
 
+def test_a_reward_saved_before_layout_pooling_is_refused_with_how_to_rebuild_it(tmp_path):
+    RewardModel(heads=1, layout_grid=1).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["layout_grid"]  # configs from before the key existed
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match=r"older architecture .*mlp\.0\.weight.*dvc repro train_reward") as err:
+        RewardScorer.load(tmp_path)
+    assert "\n" not in str(err.value)
+
+
 def test_bradley_terry_reward_learns_from_pairs(labelled):
     params = labelled.params.model_copy(update={"reward": labelled.params.reward.model_copy(
         update={"kind": "bradley_terry"})})

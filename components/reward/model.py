@@ -73,7 +73,13 @@ class RewardScorer:
 
     @classmethod
     def load(cls, path) -> RewardScorer:
-        return cls(RewardModel.from_pretrained(path))
+        try:
+            return cls(RewardModel.from_pretrained(path))
+        except ValueError as e:  # weights of another architecture, e.g. saved before layout pooling
+            from components.errors import UserError
+
+            raise UserError(f"{path}: a reward model of an older architecture ({str(e).split(' If you')[0]}); "
+                            "rebuild it with `dvc repro train_reward`") from None
 
     def prepare(self, images: np.ndarray) -> torch.Tensor:
         """uint8 (N, H, W, 3) → the model's input, (N, 3, H, W) in [-1, 1]."""
