@@ -199,11 +199,16 @@ def promote(root: str, build_commit: str | None) -> dict:
 
 
 @task(name="git commit")
-def record(root: str, message: str) -> str | None:
+def record(root: str, message: str, params_at_start: bytes) -> str | None:
+    """Commit the run's record with the params.yaml the run started with: an edit made
+    meanwhile is the user's next change, not this run's, so it stays uncommitted."""
     from components import gitops
 
+    if (Path(root) / "params.yaml").read_bytes() != params_at_start:
+        get_run_logger().warning("params.yaml changed during this run: the commit records the version the run "
+                                 "started with; your edit is left uncommitted")
     with file_lock(Project.load(root).state_dir / "locks" / "dvc-repo.lock"):
-        return gitops.commit(Project.load(root), RETRAIN_RECORD, message)
+        return gitops.commit(Project.load(root), RETRAIN_RECORD, message, as_of={"params.yaml": params_at_start})
 
 
 @flow(name="retrain", log_prints=True)
@@ -224,13 +229,15 @@ def retrain(root: str = ".", force: bool = False, push_outputs: bool = True) -> 
     if new < needed and not force:
         print(f"{new} new labels since the last finished retrain (< retrain.min_new_labels {needed}): nothing to do")
         return {"ran": False, "new_labels": new}
+    params_at_start = (Path(root) / "params.yaml").read_bytes()
     labels = snapshot_labels(root)
     try:
         stages_run = repro(root, ["gate"])
     except UserError as exc:
         raise UserError(f"{exc}; production unchanged") from None
     decision = json.loads((Path(root) / "reports" / "gate.json").read_text())
-    commit = record(root, f"Retrain on {labels['annotations']} annotations: {', '.join(stages_run) or 'no change'}")
+    commit = record(root, f"Retrain on {labels['annotations']} annotations: {', '.join(stages_run) or 'no change'}",
+                    params_at_start)
     from components import registry
 
     promotable = decision["passed"] and project.params.retrain.promote and \
