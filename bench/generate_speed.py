@@ -33,8 +33,7 @@ def main() -> None:
     params = load_params("params.yaml")
     torch.set_num_threads(params.pretrain.threads)
     base = Path("models/base")
-    pipe = (WorldPipeline.from_pretrained(base, local_files_only=True) if (base / "model_index.json").exists()
-            else WorldPipeline.from_config_params(params.world.model))
+    pipe = WorldPipeline.trained_or_untrained(base, params.world.model)
     prompts = [c.prompt for c in all_compositions()][: args.batch]
     config = SamplerConfig(steps=args.steps, guidance_scale=params.sample.guidance_scale, eta=1.0)
     sample(pipe, prompts[:2], [0, 1], SamplerConfig(steps=2))  # warm-up

@@ -34,9 +34,7 @@ def main() -> None:
     params = load_params("params.yaml")
     cfg = params.finetune
     torch.set_num_threads(cfg.threads)
-    base = Path("models/base")
-    pipe = (WorldPipeline.from_pretrained(base, local_files_only=True) if (base / "model_index.json").exists()
-            else WorldPipeline.from_config_params(params.world.model))
+    pipe = WorldPipeline.trained_or_untrained(Path("models/base"), params.world.model)
     prompts = [c.prompt for c in all_compositions()]
     rng = np.random.default_rng(0)
     module = methods.PRDP(pipe, cfg, params.seed, prompts, lambda images, _: rng.random(len(images)),

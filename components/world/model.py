@@ -8,6 +8,8 @@ vocabulary. ``WorldPipeline`` round-trips with ``save_pretrained`` /
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from diffusers import DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
@@ -79,6 +81,14 @@ class WorldPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         tokenizer = build_tokenizer()
         unet, text_encoder = build_models(cfg, tokenizer)
         return cls(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=build_scheduler())
+
+    @classmethod
+    def trained_or_untrained(cls, path: Path, cfg: WorldModelParams) -> WorldPipeline:
+        """The model saved at ``path``, else an untrained one of the configured architecture
+        (for measuring costs, which do not depend on the weights)."""
+        if (path / "model_index.json").exists():
+            return cls.from_pretrained(path, local_files_only=True)
+        return cls.from_config_params(cfg)
 
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
         return self.tokenizer(prompts, padding="max_length", max_length=MAX_TOKENS, truncation=True,
