@@ -22,12 +22,25 @@ def report_errors(lines: list[str]) -> None:
             fh.write("\n".join(lines) + "\n")
 
 
+def quiet_library_noise() -> None:
+    """Drop two messages every Lightning run printed that say nothing about the run: an
+    advert for a cloud logger, and a torch deprecation inside Lightning's own code."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            category=FutureWarning)
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+        lambda record: not record.getMessage().startswith("💡 Tip"))
+
+
 def run_stage(name: str, body: Callable[[Project], str]) -> int:
     """Run ``body`` on the project in the working directory.
 
     A :class:`UserError` becomes ``<stage>: error: <message>`` on stderr (one line per
     problem) and the error's exit code; otherwise the body's summary is printed.
     """
+    quiet_library_noise()
     try:
         summary = body(Project.load("."))
     except UserError as exc:
