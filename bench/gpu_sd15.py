@@ -100,9 +100,7 @@ def main() -> int:
         result["images_per_s"] = round(n / result["generate_s"], 2)
         result["trajectory_mb"] = round(traj.latents[0].numel() * 4 / 2**20, 2)
 
-        pairs = methods.TrajectoryPairs(winner=traj.latents[0::2], loser=traj.latents[1::2],
-                                        cond=traj.prompt_embeds[0::2], uncond=traj.negative_embeds[0::2],
-                                        timesteps=traj.timesteps)
+        pairs = methods.TrajectoryPairs.of(traj, winner=range(0, n, 2), loser=range(1, n, 2))
         d3po = methods.D3PO(models.on_accelerator(models.load_pipeline(model_dir)), params.finetune, params.seed,
                             pairs, sampler)
         d3po.schedule = [np.arange(args.pairs)]

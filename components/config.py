@@ -237,7 +237,7 @@ class D3poParams(_Strict):
     clip: float = Field(0.1, gt=0, lt=1)  # ratio clamp ε (reference code)
     lr: float = Field(1e-4, gt=0, le=1)
     epochs: int = Field(4, ge=1)  # passes over the labelled pairs
-    pairs_per_batch: int = Field(8, ge=1)
+    pairs_per_batch: int = Field(8, ge=1)  # whole x_T groups are packed until a batch holds this many
     timestep_fraction: float = Field(0.25, gt=0, le=1)  # denoising steps trained per pair
 
 

@@ -207,6 +207,25 @@ def test_every_method_fine_tunes_into_a_loadable_candidate(labelled, method):
     assert not list((project.state_dir / "checkpoints" / "finetune").glob("*/last.ckpt"))
 
 
+def test_d3po_batches_hold_whole_x_t_groups_and_every_pair_once_an_epoch():
+    groups = np.array(["a", "b", "a", "c", "c", "a", "d"])  # the x_T group of each of 7 pairs
+    batches = finetune_stage.group_schedule(groups, pairs_per_batch=2, epochs=2, seed=0)
+    epochs, seen = [], []
+    for batch in batches:
+        assert all(set(np.flatnonzero(groups == g)) <= set(batch) for g in set(groups[batch]))
+        seen += batch.tolist()
+        if len(seen) == len(groups):
+            epochs.append(seen)
+            seen = []
+        else:
+            assert len(batch) >= 2  # only an epoch's last batch may be short
+    assert len(epochs) == 2 and all(sorted(e) == list(range(7)) for e in epochs) and epochs[0] != epochs[1]
+    # one pair per group (pairs of two images): the plain per-pair schedule
+    singles = finetune_stage.group_schedule(np.arange(7), pairs_per_batch=3, epochs=2, seed=0)
+    expected = finetune_stage.epoch_schedule(7, 3, 2, seed=0)
+    assert [b.tolist() for b in singles] == [b.tolist() for b in expected]
+
+
 def test_missing_or_inconsistent_labels_fail_with_one_line_naming_the_file(stack_project, labelled, tmp_path):
     root = sibling_project(stack_project, tmp_path / "nolabels", edit=_tiny)
     (root / "data").mkdir()

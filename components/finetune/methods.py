@@ -27,12 +27,21 @@ from components.sampling import SamplerConfig, derive_seed, sample, step_log_pro
 
 @dataclass
 class TrajectoryPairs:
-    """Labelled pairs that share x_T: winner/loser trajectories (P, T+1, C, H, W)."""
-    winner: torch.Tensor
-    loser: torch.Tensor
-    cond: torch.Tensor  # (P, L, D) prompt embeddings recorded at sampling time
+    """Labelled pairs over recorded trajectories. Each trajectory is stored (and, in a
+    batch, run through the UNet) once, however many pairs it is in: an image of a group
+    of K that share x_T can be in K − 1 pairs (D3PO trains all of them, §2.3)."""
+    latents: torch.Tensor  # (N, T+1, C, H, W): x_T … x_0 of every trajectory in a pair
+    cond: torch.Tensor  # (N, L, D) prompt embeddings recorded at sampling time
     uncond: torch.Tensor
     timesteps: torch.Tensor  # (T,)
+    winner: torch.Tensor  # (P,) indices into latents
+    loser: torch.Tensor
+
+    @classmethod
+    def of(cls, traj, winner, loser) -> TrajectoryPairs:
+        """Pairs (winner[i], loser[i]) of the rows of one :class:`~components.sampling.Trajectories`."""
+        return cls(latents=traj.latents, cond=traj.prompt_embeds, uncond=traj.negative_embeds,
+                   timesteps=traj.timesteps, winner=torch.as_tensor(winner), loser=torch.as_tensor(loser))
 
 
 def step_subset(steps: int, fraction: float, generator: torch.Generator) -> list[int]:
@@ -47,7 +56,8 @@ class D3PO(PolicyModule):
     For every trained step i: ``−log σ(β·log r_w − β·log r_l)`` with the ratio
     ``r = π_θ/π_ref`` of that step clamped to [1−ε, 1+ε] (the reference code's trust
     region: outside the band the gradient is zero). At θ = ref the loss is log 2.
-    Ties carry no preference and never become pairs.
+    Ties carry no preference and never become pairs. A batch holds pair indices; each
+    trajectory in it is scored once per step, whatever the number of its pairs.
     """
 
     def __init__(self, pipe, cfg: FinetuneParams, seed: int, pairs: TrajectoryPairs, sampler: SamplerConfig):
@@ -55,28 +65,32 @@ class D3PO(PolicyModule):
         self.pairs, self.sampler = pairs, sampler
         _, self.prevs = timestep_pairs(pipe.scheduler, len(pairs.timesteps))
 
-    def log_ratio(self, index: list[int], step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Clamped per-step log-ratio log(π_θ/π_ref) of (winners, losers)."""
+    def log_ratio(self, images: torch.Tensor, step: int) -> torch.Tensor:
+        """Clamped per-step log-ratio log(π_θ/π_ref) of the given trajectories."""
         p = self.pairs
-        x_t = torch.cat([p.winner[index, step], p.loser[index, step]])
-        x_prev = torch.cat([p.winner[index, step + 1], p.loser[index, step + 1]])
-        cond, uncond = p.cond[index].repeat(2, 1, 1), p.uncond[index].repeat(2, 1, 1)
         t, prev_t = int(p.timesteps[step]), int(self.prevs[step])
-        args = (self.pipe.scheduler, x_t, t, prev_t, x_prev, cond, uncond, self.sampler)
+        args = (self.pipe.scheduler, p.latents[images, step], t, prev_t, p.latents[images, step + 1],
+                p.cond[images], p.uncond[images], self.sampler)
         policy = step_log_prob(self.unet, *args)
         with self.reference_unet() as ref:
             reference = step_log_prob(ref, *args)
         eps = self.cfg.d3po.clip
-        ratio = torch.exp(policy - reference).clamp(1 - eps, 1 + eps)
-        return torch.log(ratio).chunk(2)
+        return torch.log(torch.exp(policy - reference).clamp(1 - eps, 1 + eps))
+
+    def pair_logits(self, pairs: torch.Tensor, step: int) -> torch.Tensor:
+        """β·(log r_w − log r_l) of the given pairs at one step."""
+        p = self.pairs
+        images, where = torch.unique(torch.cat([p.winner[pairs], p.loser[pairs]]), return_inverse=True)
+        ratio = self.log_ratio(images, step)
+        winner, loser = where.chunk(2)
+        return self.cfg.d3po.beta * (ratio[winner] - ratio[loser])
 
     def training_step(self, batch, batch_idx):
-        index = self.batch_index(batch_idx).tolist()
+        pairs = self.batch_index(batch_idx)
         steps = step_subset(len(self.pairs.timesteps), self.cfg.d3po.timestep_fraction, self.generator("steps"))
         losses, correct = [], []
         for step in steps:
-            w, l = self.log_ratio(index, step)
-            logits = self.cfg.d3po.beta * (w - l)
+            logits = self.pair_logits(pairs, step)
             losses.append(-F.logsigmoid(logits).mean())
             correct.append((logits > 0).float().mean())
         loss = torch.stack(losses).mean()

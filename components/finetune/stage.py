@@ -85,25 +85,49 @@ def _pairs(root: Path, gens: pd.DataFrame, usable: pd.DataFrame) -> tuple[pd.Dat
     return prefs[ok].reset_index(drop=True), int((~ok).sum())
 
 
+def group_schedule(groups: np.ndarray, pairs_per_batch: int, epochs: int, seed: int) -> list[np.ndarray]:
+    """Batches of pair indices made of whole groups (the pairs of one x_T), each at least
+    ``pairs_per_batch`` pairs but an epoch's last; every epoch a fresh seeded group order.
+    With one pair per group this is :func:`epoch_schedule`."""
+    labels, members = np.unique(groups, return_inverse=True)
+    by_group = [np.flatnonzero(members == g) for g in range(len(labels))]
+    out = []
+    for epoch in range(epochs):
+        batch: list[int] = []
+        for g in np.random.default_rng([seed, epoch]).permutation(len(by_group)):
+            batch += by_group[g].tolist()
+            if len(batch) >= pairs_per_batch:
+                out.append(np.array(batch))
+                batch = []
+        if batch:
+            out.append(np.array(batch))
+    return out
+
+
 def build_d3po(project: Project, pipe, gens, usable, fetch) -> tuple[L.LightningModule, dict]:
     cfg = project.params.finetune
     prefs, outside = _pairs(project.root, gens, usable)
-    shared = gens.loc[prefs["winner"], "init_seed"].to_numpy() == gens.loc[prefs["loser"], "init_seed"].to_numpy()
+    winners, losers = gens.loc[prefs["winner"]], gens.loc[prefs["loser"]]
+    shared = (winners["init_seed"].to_numpy() == losers["init_seed"].to_numpy()) & (
+        winners["prompt"].to_numpy() == losers["prompt"].to_numpy())
     prefs = prefs[shared].reset_index(drop=True)
     if not len(prefs):
         raise UserError(f"{feedback.PREFERENCES}: no labelled pair of train generations shares its initial noise; "
                         "D3PO needs pairwise labels on images generated with generate.shared_noise_group ≥ 2")
-    sampler = SamplerConfig(**{k: v for k, v in feedback.sampler_of(gens, [*prefs["winner"], *prefs["loser"]]).items()
-                               if k != "sampler"})
-    winners = fetch.trajectories(list(gens.loc[prefs["winner"], "trajectory_key"]))
-    losers = fetch.trajectories(list(gens.loc[prefs["loser"], "trajectory_key"]))
+    ids = sorted({*prefs["winner"], *prefs["loser"]})
+    position = pd.Series(range(len(ids)), index=ids)
+    sampler = SamplerConfig(**{k: v for k, v in feedback.sampler_of(gens, ids).items() if k != "sampler"})
+    trajectories = fetch.trajectories(list(gens.loc[ids, "trajectory_key"]))
     pairs = methods.TrajectoryPairs(
-        winner=torch.stack([w["latents"] for w in winners]), loser=torch.stack([x["latents"] for x in losers]),
-        cond=torch.stack([w["prompt_embeds"] for w in winners]), uncond=torch.stack([w["negative_embeds"] for w in winners]),
-        timesteps=winners[0]["timesteps"])
+        latents=torch.stack([t["latents"] for t in trajectories]),
+        cond=torch.stack([t["prompt_embeds"] for t in trajectories]),
+        uncond=torch.stack([t["negative_embeds"] for t in trajectories]), timesteps=trajectories[0]["timesteps"],
+        winner=torch.as_tensor(position[prefs["winner"]].to_numpy()),
+        loser=torch.as_tensor(position[prefs["loser"]].to_numpy()))
     module = methods.D3PO(pipe, cfg, project.params.seed, pairs, sampler)
-    module.schedule = epoch_schedule(len(prefs), cfg.d3po.pairs_per_batch, cfg.d3po.epochs, project.params.seed)
-    return module, {"pairs": len(prefs), "pairs_without_shared_noise": int((~shared).sum()),
+    x_t = gens.loc[prefs["winner"], "prompt"] + "\0" + gens.loc[prefs["winner"], "init_seed"].astype(str)
+    module.schedule = group_schedule(x_t.to_numpy(), cfg.d3po.pairs_per_batch, cfg.d3po.epochs, project.params.seed)
+    return module, {"pairs": len(prefs), "trajectories": len(ids), "pairs_without_shared_noise": int((~shared).sum()),
                     "pairs_outside_train_prompts": outside}
 
 
