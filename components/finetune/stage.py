@@ -122,8 +122,8 @@ def build_d3po(project: Project, pipe, gens, usable, fetch) -> tuple[L.Lightning
         latents=torch.stack([t["latents"] for t in trajectories]),
         cond=torch.stack([t["prompt_embeds"] for t in trajectories]),
         uncond=torch.stack([t["negative_embeds"] for t in trajectories]), timesteps=trajectories[0]["timesteps"],
-        winner=torch.as_tensor(position[prefs["winner"]].to_numpy()),
-        loser=torch.as_tensor(position[prefs["loser"]].to_numpy()))
+        winner=torch.tensor(position[prefs["winner"]].to_numpy()),  # a copy: pandas' array is read-only
+        loser=torch.tensor(position[prefs["loser"]].to_numpy()))
     module = methods.D3PO(pipe, cfg, project.params.seed, pairs, sampler)
     x_t = gens.loc[prefs["winner"], "prompt"] + "\0" + gens.loc[prefs["winner"], "init_seed"].astype(str)
     module.schedule = group_schedule(x_t.to_numpy(), cfg.d3po.pairs_per_batch, cfg.d3po.epochs, project.params.seed)
