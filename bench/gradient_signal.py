@@ -114,7 +114,8 @@ def main() -> None:
     gens = feedback.generations(project.root)
     usable = stage.usable_generations(gens, project.params)
     fetch = feedback.Fetcher(project.object_store())
-    result = {"scratch": args.scratch, "images_per_prompt": project.params.generate.images_per_prompt}
+    result = {"scratch": args.scratch, "images_per_prompt": project.params.generate.images_per_prompt,
+              "sample_steps": project.params.sample.steps}
     start = time.monotonic()
 
     chosen = args.methods.split(",")
