@@ -59,7 +59,7 @@ def d3po_signal(method_module, pairs: int, steps: list[int], chunk: int = 8) -> 
         for half in halves:
             total = None
             for start in range(0, len(half), chunk):
-                logits = method_module.pair_logits(torch.as_tensor(half[start:start + chunk]), step)
+                logits, _ = method_module.pair_logits(torch.as_tensor(half[start:start + chunk]), step)
                 loss = -F.logsigmoid(logits).sum() / len(half)
                 g = flat_grad(method_module, loss)
                 total = g if total is None else total + g

@@ -124,11 +124,13 @@ def test_no_gradient_once_the_ratio_leaves_the_clip_band(base_dir):
             if "lora_B" in name:
                 param.normal_(0, 0.5)
     assert abs(preference_margin(module)) > 0
+    assert all(bool(module.pair_logits(torch.arange(4), step)[1].all()) for step in range(SAMPLER.steps))
     module.training_step(None, 0).backward()
     grads = [p.grad for p in module.trainable() if p.grad is not None]
     assert all(float(g.abs().max()) == 0 for g in grads)
 
     inside = d3po(fresh(base_dir), module.pairs, clip=0.1)
+    assert not any(bool(inside.pair_logits(torch.arange(4), step)[1].any()) for step in range(SAMPLER.steps))
     inside.training_step(None, 0).backward()
     assert any(float(p.grad.abs().max()) > 0 for p in inside.trainable() if p.grad is not None)
 

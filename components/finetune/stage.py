@@ -49,7 +49,7 @@ PROMPTS = Path("data/prompts.parquet")
 REPORT_OUT = Path("reports/finetune.json")
 CURVE_OUT = Path("reports/finetune_curve.csv")
 CURVE_FIELDS = {
-    "d3po": ["loss", "implicit_accuracy", "grad_norm"],
+    "d3po": ["loss", "implicit_accuracy", "clamped_fraction", "grad_norm"],
     "prdp": ["loss", "reward_mean", "reward_std", "clip_fraction", "approx_kl", "grad_norm"],
     "reward_weighted": ["loss", "weighted_mse", "prior_mse", "reward_mean", "grad_norm"],
     "diffusion_dpo": ["loss", "implicit_accuracy", "grad_norm"],
