@@ -107,10 +107,13 @@ def group_schedule(groups: np.ndarray, pairs_per_batch: int, epochs: int, seed: 
 def build_d3po(project: Project, pipe, gens, usable, fetch) -> tuple[L.LightningModule, dict]:
     cfg = project.params.finetune
     prefs, outside = _pairs(project.root, gens, usable)
-    winners, losers = gens.loc[prefs["winner"]], gens.loc[prefs["loser"]]
-    shared = (winners["init_seed"].to_numpy() == losers["init_seed"].to_numpy()) & (
-        winners["prompt"].to_numpy() == losers["prompt"].to_numpy())
-    prefs = prefs[shared].reset_index(drop=True)
+
+    def x_t(ids):  # the starting noise an image was sampled from: its prompt and x_T seed
+        return (gens.loc[ids, "prompt"] + "\0" + gens.loc[ids, "init_seed"].astype(str)).to_numpy()
+
+    groups = x_t(prefs["winner"])
+    shared = groups == x_t(prefs["loser"])
+    prefs, groups = prefs[shared].reset_index(drop=True), groups[shared]
     if not len(prefs):
         raise UserError(f"{feedback.PREFERENCES}: no labelled pair of train generations shares its initial noise; "
                         "D3PO needs pairwise labels on images generated with generate.shared_noise_group ≥ 2")
@@ -125,8 +128,7 @@ def build_d3po(project: Project, pipe, gens, usable, fetch) -> tuple[L.Lightning
         winner=torch.tensor(position[prefs["winner"]].to_numpy()),  # a copy: pandas' array is read-only
         loser=torch.tensor(position[prefs["loser"]].to_numpy()))
     module = methods.D3PO(pipe, cfg, project.params.seed, pairs, sampler)
-    x_t = gens.loc[prefs["winner"], "prompt"] + "\0" + gens.loc[prefs["winner"], "init_seed"].astype(str)
-    module.schedule = group_schedule(x_t.to_numpy(), cfg.d3po.pairs_per_batch, cfg.d3po.epochs, project.params.seed)
+    module.schedule = group_schedule(groups, cfg.d3po.pairs_per_batch, cfg.d3po.epochs, project.params.seed)
     return module, {"pairs": len(prefs), "trajectories": len(ids), "pairs_without_shared_noise": int((~shared).sum()),
                     "pairs_outside_train_prompts": outside}
 
