@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -137,7 +138,6 @@ def test_gpu_profiles_train_reward_heads_on_a_frozen_clip(labelled, tmp_path):
     """sd15's reward (Lee et al.): heads on the CLIP of models.clip, which stays frozen and
     out of the saved model; the stages load it through models.clip, and refuse another CLIP."""
     import dataclasses
-    import shutil
 
     from safetensors.torch import load_file
 
@@ -224,6 +224,22 @@ def test_d3po_batches_hold_whole_x_t_groups_and_every_pair_once_an_epoch():
     singles = finetune_stage.group_schedule(np.arange(7), pairs_per_batch=3, epochs=2, seed=0)
     expected = finetune_stage.epoch_schedule(7, 3, 2, seed=0)
     assert [b.tolist() for b in singles] == [b.tolist() for b in expected]
+
+
+def test_d3po_without_pairs_sharing_x_t_fails_in_one_line_and_writes_nothing(stack_project, labelled, tmp_path):
+    root = sibling_project(stack_project, tmp_path / "unshared", edit=_tiny)
+    save_tiny_world_model(root / "models" / "base")
+    shutil.copytree(labelled.path("data"), root / "data")
+    gens = pd.read_parquet(root / feedback.GENERATIONS)
+    gens["init_seed"] = gens["seed"]  # as if sampled with generate.shared_noise_group: 1
+    gens.to_parquet(root / feedback.GENERATIONS)
+    result = subprocess.run([sys.executable, "-m", "components.finetune.stage"], cwd=root, capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr  # above the error only the base model's loading bars
+    assert result.stderr.strip().splitlines()[-1] == (
+        "finetune: error: data/labels/preferences.parquet: no labelled pair of train generations shares its initial "
+        "noise; D3PO needs pairwise labels on images generated with generate.shared_noise_group ≥ 2")
+    assert not (root / "models" / "candidate").exists() and not (root / "reports").exists()
 
 
 def test_missing_or_inconsistent_labels_fail_with_one_line_naming_the_file(stack_project, labelled, tmp_path):
