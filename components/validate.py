@@ -161,7 +161,8 @@ def generations_suite(gens: pd.DataFrame, prompts: pd.DataFrame, objects: pd.Dat
     return Suite("generations", {"generations": table, "objects": objects.drop(columns=["sampler"])}, checks)
 
 
-def labels_suite(tasks: pd.DataFrame, prefs: pd.DataFrame, gens: pd.DataFrame, params) -> Suite:
+def labels_suite(tasks: pd.DataFrame, prefs: pd.DataFrame, annotations: pd.DataFrame, gens: pd.DataFrame,
+                 params) -> Suite:
     import great_expectations.expectations as gxe
 
     v = params.validation
@@ -182,6 +183,9 @@ def labels_suite(tasks: pd.DataFrame, prefs: pd.DataFrame, gens: pd.DataFrame, p
         "good_share": float((binary["majority"] == "good").mean()) if len(binary) else 0.5,
     }])
     checks = [
+        # one vote per annotation: a repeated id would count one person's label twice
+        Check("annotations", gxe.ExpectColumnValuesToBeUnique(column="annotation_id"),
+              _count("annotations share an annotation id")),
         Check("tasks", gxe.ExpectColumnValuesToBeInSet(column="kind", value_set=["binary", "pairwise", "best_of_k"]),
               _count("tasks of an unknown kind")),
         Check("tasks", gxe.ExpectColumnValuesToBeInSet(column="in_domain", value_set=[True]),
@@ -205,7 +209,8 @@ def labels_suite(tasks: pd.DataFrame, prefs: pd.DataFrame, gens: pd.DataFrame, p
         Check("summary", gxe.ExpectColumnValuesToBeBetween(column="good_share", max_value=v.max_good_share),
               _below("good share", v.max_good_share, "validate.max_good_share", above=True)),
     ]
-    return Suite("labels", {"tasks": task_table, "preferences": pref_table, "summary": summary}, checks)
+    return Suite("labels", {"annotations": annotations[["annotation_id", "task_id"]], "tasks": task_table,
+                            "preferences": pref_table, "summary": summary}, checks)
 
 
 # ---- running them ---------------------------------------------------------------------
@@ -271,7 +276,9 @@ def build_suites(project: Project, datasets: list[str], full: bool) -> list[Suit
                                                            "annotators"], "run `aligndiff annotate snapshot`")
         prefs = feedback.read_table(root, feedback.PREFERENCES, ["prompt", "winner", "loser", "weight"],
                                     "run `aligndiff annotate snapshot`")
-        suites.append(labels_suite(tasks, prefs, gens, params))
+        annotations = feedback.read_table(root, feedback.ANNOTATIONS, ["annotation_id", "task_id"],
+                                          "run `aligndiff annotate snapshot`")
+        suites.append(labels_suite(tasks, prefs, annotations, gens, params))
     return suites
 
 

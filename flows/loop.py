@@ -30,11 +30,11 @@ def simulate(root: str, kind: str, flip_rate: float) -> dict:
 
 
 @task(name="sync", retries=3, retry_delay_seconds=[5, 30, 120])
-def sync(root: str, kind: str) -> dict | None:
+def sync(root: str, kind: str, full: bool = False) -> dict | None:
     from components.annotation import rounds
 
     try:
-        return rounds.sync_round(Project.load(root), kind, 2)
+        return rounds.sync_round(Project.load(root), kind, 2, full=full)
     except UserError:  # no Label Studio project of this kind yet: nothing to sync
         return None
 
@@ -61,11 +61,16 @@ def annotation_round(root: str = ".", kinds: list[str] = list(ROUND_KINDS), limi
 
 
 @flow(name="sync_annotations", log_prints=True)
-def sync_annotations(root: str = ".") -> dict:
-    """Incremental pull of every round kind's Label Studio project into the annotation stores."""
+def sync_annotations(root: str = ".", full: bool = False) -> dict:
+    """Pull every round kind's Label Studio project into the annotation stores: what changed,
+    or (``full``) every task, then check that each store equals its project."""
     root = str(Path(root).resolve())
-    results = {kind: sync(root, kind) for kind in ROUND_KINDS}
+    results = {kind: sync(root, kind, full) for kind in ROUND_KINDS}
     for kind, result in results.items():
-        print(f"{kind}: " + (f"{result['new']} new, {result['tasks_changed']} tasks changed" if result
+        print(f"{kind}: " + (f"{result['new']} new, {result['tasks_changed']} tasks read" if result
                              else "no project yet"))
+    unequal = [f"{kind} ({r['verified']})" for kind, r in results.items() if r and full and not r["verified"]["equal"]]
+    if unequal:
+        raise UserError(f"after a full sync the store differs from Label Studio for {', '.join(unequal)}; "
+                        "annotators may have edited during the check: run it again")
     return results

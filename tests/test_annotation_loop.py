@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from components.annotation import simulate as sim
 from components.annotation import studio
 from components.annotation.labeling import make_result
-from components.annotation.sync import store_for, sync
+from components.annotation.sync import store_for, sync, verify
 from components.errors import ServiceError
 from components.generate import png_bytes
 from components.world.grammar import all_compositions
@@ -110,18 +111,30 @@ def test_edits_replace_deletions_are_marked_and_malformed_results_are_rejected(r
                                                                  "image_1": "s3://elsewhere/b.png", "prompt": "x"})
     foreign = client.annotations.create(id=foreign_task.id, result=make_result("pairwise", "left"))
 
+    withdrawn = rows.iloc[2]  # once a valid label, then edited into one the config does not allow
+    client.annotations.update(id=int(withdrawn["annotation_id"]), result=[
+        {"from_name": "choice", "to_name": "image_0", "type": "choices", "value": {"choices": ["neither"]}}])
+    used_later = set(rows.iloc[:20]["task_id"])
+    deleted_task = next(t for t in rows["task_id"][::-1] if t not in used_later)
+    client.tasks.delete(id=int(deleted_task))
+
     result = sync(round_project, project_id, "pairwise", client=client)
-    assert result["rejected"] == 3 and result["deleted"] == 1
+    assert result["rejected"] == 4 and result["deleted"] == 1 + 3  # one annotation, and a task's three
     after = store.annotations().set_index("annotation_id")
+    assert after["status"].value_counts().to_dict() == {"submitted": 600 - 1 - 1 - 3, "deleted": 4, "rejected": 3}
     assert after.loc[edited["annotation_id"], "choice"] == new_choice
     assert after.loc[edited["annotation_id"], "critique"] == "changed my mind"
     assert after.loc[removed["annotation_id"], "status"] == "deleted"
-    assert bad.id not in after.index and len(after) == 600
+    assert (after.loc[after["task_id"] == deleted_task, "status"] == "deleted").all()
+    assert after.loc[withdrawn["annotation_id"], "status"] == "rejected"
+    assert pd.isna(after.loc[withdrawn["annotation_id"], "choice"])
+    assert after.loc[bad.id, "status"] == "rejected" and len(after) == 602
     reasons = store.rejected().set_index("annotation_id")["reason"]
     assert "unknown choice 'both'" in reasons.loc[bad.id]
     assert "missing the required choice" in reasons.loc[critique_only.id]
     assert "not pushed by aligndiff" in reasons.loc[foreign.id]
-    assert critique_only.id not in after.index and foreign.id not in after.index
+    assert after.loc[critique_only.id, "status"] == "rejected" and foreign.id not in after.index
+    assert verify(client, store, project_id, "pairwise", 2)["equal"]
 
 
 @pytest.mark.slow
@@ -140,8 +153,8 @@ def test_label_studio_dying_mid_sync_changes_nothing_and_a_rerun_completes(stack
 
     stack = Stack(stack_project)
 
-    class StopsServerBetweenPages:
-        """Pages of two changed tasks; the server goes down before the second page is asked for."""
+    class StopsServerAfterFirstPage:
+        """Pages of two tasks; the server goes down once the first page has been read."""
 
         def __init__(self, inner):
             self._inner = inner
@@ -150,16 +163,15 @@ def test_label_studio_dying_mid_sync_changes_nothing_and_a_rerun_completes(stack
             return getattr(self._inner, name)
 
         def list(self, **kwargs):
-            for i, task in enumerate(self._inner.list(**{**kwargs, "page_size": 2})):
-                yield task
-                if i == 1:
-                    stack._stop("label_studio")
+            page = self._inner.list(**{**kwargs, "page_size": 2})
+            stack._stop("label_studio")
+            return page
 
     class Client:
         def __getattr__(self, name):
             return getattr(client, name)
 
-        tasks = StopsServerBetweenPages(client.tasks)
+        tasks = StopsServerAfterFirstPage(client.tasks)
 
     with pytest.raises(ServiceError, match="became unreachable during sync"):
         sync(round_project, project_id, "pairwise", client=Client())
@@ -170,4 +182,4 @@ def test_label_studio_dying_mid_sync_changes_nothing_and_a_rerun_completes(stack
     assert result["upserted"] >= 4
     after = store.annotations().set_index("annotation_id")
     assert (after.loc[rows["annotation_id"].iloc[10:14], "choice"] == "tie").all()
-    assert len(after) == 600
+    assert len(after) == 602

@@ -61,7 +61,8 @@ def project(stack_project, tmp_path_factory):
 def _tables(project):
     root = project.root
     return (pd.read_parquet(root / "data" / "prompts.parquet"), feedback.generations(root),
-            pd.read_parquet(root / feedback.TASKS), pd.read_parquet(root / feedback.PREFERENCES))
+            pd.read_parquet(root / feedback.TASKS), pd.read_parquet(root / feedback.PREFERENCES),
+            pd.read_parquet(root / feedback.ANNOTATIONS))
 
 
 def _params(project, **validate_overrides):
@@ -75,8 +76,8 @@ def test_clean_datasets_pass_and_data_docs_list_every_suite(project):
     assert summary["datasets"]["generations"]["rows"]["objects"] == 48
     docs = project.state_dir / "gx" / "gx" / "uncommitted" / "data_docs" / "local_site"
     index = (docs / "index.html").read_text()
-    for suite in ("prompts.prompts", "generations.generations", "generations.objects", "labels.tasks",
-                  "labels.preferences", "labels.summary"):
+    for suite in ("prompts.prompts", "generations.generations", "generations.objects", "labels.annotations",
+                  "labels.tasks", "labels.preferences", "labels.summary"):
         assert suite in index
 
 
@@ -116,7 +117,7 @@ def test_broken_prompts_fail_with_their_own_message(project, breaker, message):
 
 
 def test_broken_generations_fail_with_their_own_message(project):
-    prompts, gens, _, _ = _tables(project)
+    prompts, gens, *_ = _tables(project)
     gens = gens.reset_index(drop=True)
     store = project.object_store()
     gens.loc[0, "prompt_id"] = "0000000000000000"
@@ -138,7 +139,7 @@ def test_broken_generations_fail_with_their_own_message(project):
 
 
 def test_objects_are_checked_on_a_seeded_sample_unless_full(project):
-    _, gens, _, _ = _tables(project)
+    _, gens, *_ = _tables(project)
     store = project.object_store()
     sample = validate.object_checks(gens.reset_index(drop=True), store, 0.25, 7, 32)
     again = validate.object_checks(gens.reset_index(drop=True), store, 0.25, 7, 32)
@@ -172,14 +173,22 @@ def _few_annotators(tasks, prefs):
     (None, {"min_labels": 10**6}, "labels: labels "),
 ])
 def test_broken_labels_fail_with_their_own_message(project, breaker, overrides, message):
-    _, gens, tasks, prefs = _tables(project)
+    _, gens, tasks, prefs, annotations = _tables(project)
     if breaker:
         breaker(tasks, prefs)
-    lines = _run(project, validate.labels_suite(tasks, prefs, gens, _params(project, **overrides)))
+    lines = _run(project, validate.labels_suite(tasks, prefs, annotations, gens, _params(project, **overrides)))
     assert len(lines) == 1 and lines[0].startswith(message), lines
     if overrides:
         param = next(iter(overrides))
         assert lines[0].endswith(f"(validate.{param})")
+
+
+def test_an_annotation_stored_twice_fails_validation(project):
+    """Duplicated annotation ids in a snapshot would count one person's vote twice."""
+    _, gens, tasks, prefs, annotations = _tables(project)
+    doubled = pd.concat([annotations, annotations.iloc[[3]]], ignore_index=True)
+    lines = _run(project, validate.labels_suite(tasks, prefs, doubled, gens, _params(project)))
+    assert lines == [f"labels: 2 annotations share an annotation id (e.g. {annotations.iloc[3]['annotation_id']})"]
 
 
 def test_cli_exits_non_zero_with_one_line_per_failure_then_the_docs(project, capsys, monkeypatch):

@@ -3,7 +3,7 @@
 For benchmarks and training tests that need labels at a scale where the round trip
 through Label Studio (tested on its own in the annotation loop) would only cost time.
 The annotators decide exactly as in :mod:`components.annotation.simulate`; the tables
-have the snapshot's schema (``tasks.parquet``, ``preferences.parquet``).
+have the snapshot's schema (``annotations.parquet``, ``tasks.parquet``, ``preferences.parquet``).
 """
 
 from __future__ import annotations
@@ -47,7 +47,19 @@ def label(gens: pd.DataFrame, images: dict[str, np.ndarray], config: AnnotatorCo
     return tasks, prefs
 
 
+def votes(tasks: pd.DataFrame) -> pd.DataFrame:
+    """One row per vote, as the snapshot's annotations table has them."""
+    rows = [{"annotation_id": 0, "task_id": t.task_id, "generation_ids": t.generation_ids, "prompt": t.prompt,
+             "annotator": f"simulated-{i}", "choice": choice, "status": "submitted"}
+            for t in tasks.itertuples() for i, choice in enumerate(
+                c for c, n in json.loads(t.votes).items() for _ in range(n))]
+    frame = pd.DataFrame(rows, columns=list(rows[0]) if rows else ["annotation_id", "task_id"])
+    frame["annotation_id"] = np.arange(1, len(frame) + 1)
+    return frame
+
+
 def write(tasks: pd.DataFrame, prefs: pd.DataFrame, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
+    votes(tasks).to_parquet(out_dir / "annotations.parquet", index=False)
     tasks.to_parquet(out_dir / "tasks.parquet", index=False)
     prefs.to_parquet(out_dir / "preferences.parquet", index=False)

@@ -148,9 +148,9 @@ def write_summary(project: Project, action: str, kind: str, summary: dict) -> Pa
 
 def project_id_for(client, project: Project, kind: RoundKind, k: int) -> int:
     title = studio.project_title(project, kind, k)
-    for p in client.projects.list():
-        if p.title == title:
-            return p.id
+    ids = [p.id for p in client.projects.list() if p.title == title]
+    if ids:
+        return min(ids)  # the one ensure_project fills
     raise UserError(f"no Label Studio project {title!r} yet; run `aligndiff annotate push --kind {kind}` first")
 
 
@@ -160,10 +160,12 @@ def simulate_round(project: Project, kind: RoundKind, k: int, config: sim.Annota
                         on_progress=on_progress)
 
 
-def sync_round(project: Project, kind: RoundKind, k: int, on_progress=None) -> dict:
-    """Incremental sync, recorded with agreement, per-annotator counts and rejected results."""
+def sync_round(project: Project, kind: RoundKind, k: int, on_progress=None, full: bool = False) -> dict:
+    """Sync (incremental, or ``full`` and verified), recorded with agreement, per-annotator
+    counts and rejected results."""
     client = studio.client_for(project)
-    result = sync(project, project_id_for(client, project, kind, k), kind, k, client=client, on_progress=on_progress)
+    result = sync(project, project_id_for(client, project, kind, k), kind, k, client=client, on_progress=on_progress,
+                  full=full)
     annotations, _ = snap.load_stores(project.state_dir)
     of_kind = annotations[annotations.apply(snap.kind_of, axis=1) == kind] if len(annotations) else annotations
     rejected = rejected_reasons(project)

@@ -43,6 +43,9 @@ class AnnotatorConfig:
 
         if self.annotators < 1 or self.coverage < 1:
             raise UserError(f"annotators and coverage must be at least 1, got {self.annotators} and {self.coverage}")
+        if self.coverage > self.annotators:
+            raise UserError(f"coverage {self.coverage} is more than the {self.annotators} annotators: each task gets "
+                            "at most one vote from each")
         for name in ("flip_rate", "bias"):
             if not 0 <= getattr(self, name) <= 1:
                 raise UserError(f"{name.replace('_', '-')} must be between 0 and 1, got {getattr(self, name)}")

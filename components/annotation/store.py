@@ -2,15 +2,19 @@
 
 One store per Label Studio project, under ``<state>/annotations/<project id>/``:
 
-- ``annotations.parquet`` — one row per Label Studio annotation id (its latest
-  version): task, generations, annotator, choice, critique, status
-  (``submitted`` | ``skipped`` | ``deleted``), Label Studio's timestamps;
+- ``annotations.parquet`` — exactly one row per Label Studio annotation id, its latest
+  version by Label Studio's own ``updated_at``: task, generations, annotator, choice,
+  critique, status (``submitted`` | ``skipped`` | ``rejected`` — edited into a result
+  that does not match the labeling config, so its earlier label is withdrawn — |
+  ``deleted``), Label Studio's timestamps;
 - ``rejected.parquet`` — results that did not match the labeling config, with the reason;
-- ``watermark.json`` — the newest task ``updated_at`` fully stored.
+- ``tasks.json`` — the ids of the project's tasks at the last sync (to notice deletions);
+- ``watermark.json`` — a time on Label Studio's clock before which every change is stored.
 
 Writes go to a temporary file renamed into place, and the watermark moves only after
 the rows are on disk, so a crash at any point loses nothing; rows are keyed by
-annotation id, so a re-run that fetches the same tasks again changes nothing.
+annotation id and the newest version wins, so re-reading a task, in any order, never
+adds a row or brings back an older label.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import pandas as pd
 ANNOTATION_COLUMNS = ["annotation_id", "task_id", "project_id", "external_id", "generation_ids", "prompt",
                       "annotator", "choice", "critique", "status", "created_at", "updated_at"]
 REJECTED_COLUMNS = ["annotation_id", "task_id", "project_id", "reason", "updated_at"]
+STATUSES = ("submitted", "skipped", "rejected", "deleted")
 
 
 class AnnotationStore:
@@ -32,6 +37,7 @@ class AnnotationStore:
         self.annotations_path = root / "annotations.parquet"
         self.rejected_path = root / "rejected.parquet"
         self.watermark_path = root / "watermark.json"
+        self.tasks_path = root / "tasks.json"
         self.lock_path = root / "sync.lock"
 
     def annotations(self) -> pd.DataFrame:
@@ -49,28 +55,51 @@ class AnnotationStore:
             return None
         return json.loads(self.watermark_path.read_text())["updated_at"]
 
-    def commit(self, rows: list[dict], rejected: list[dict], deleted_ids: list[int], watermark: str | None) -> dict:
-        """Upsert rows, mark deletions, record rejections; then (and only then) move the watermark."""
+    def task_ids(self) -> set[int] | None:
+        """The project's task ids as of the last sync; None before the first."""
+        if not self.tasks_path.exists():
+            return None
+        return set(json.loads(self.tasks_path.read_text())["task_ids"])
+
+    def commit(self, rows: list[dict], rejected: list[dict], deleted_ids: list[int], watermark: str | None,
+               task_ids: set[int] | None = None) -> dict:
+        """Upsert rows (newest version of each id wins), mark deletions, record rejections
+        and the live task ids; then (and only then) move the watermark."""
         self.root.mkdir(parents=True, exist_ok=True)
         current = self.annotations()
-        before = len(current)
-        changes = pd.DataFrame(rows, columns=ANNOTATION_COLUMNS)
-        merged = pd.concat([current[~current["annotation_id"].isin(changes["annotation_id"])], changes],
-                           ignore_index=True)
+        before = set(current["annotation_id"].astype(int))
+        merged = latest_versions(pd.concat([current, pd.DataFrame(rows, columns=ANNOTATION_COLUMNS)],
+                                           ignore_index=True))
         newly_deleted = merged["annotation_id"].isin(deleted_ids) & (merged["status"] != "deleted")
         merged.loc[newly_deleted, "status"] = "deleted"
-        merged = merged.sort_values("annotation_id", kind="stable").reset_index(drop=True)
+        withdrawn = merged["status"].isin(["rejected", "deleted"])
+        merged.loc[withdrawn, "choice"] = None
         _atomic_parquet(merged, self.annotations_path)
 
         rejected_frame = pd.concat([self.rejected(), pd.DataFrame(rejected, columns=REJECTED_COLUMNS)],
                                    ignore_index=True).drop_duplicates(["annotation_id", "updated_at"], keep="last")
         _atomic_parquet(rejected_frame, self.rejected_path)
 
+        if task_ids is not None:
+            _atomic_json({"task_ids": sorted(task_ids)}, self.tasks_path)
         if watermark is not None:
-            tmp = self.watermark_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"updated_at": watermark}))
-            os.replace(tmp, self.watermark_path)
-        return {"stored": len(merged), "new": len(merged) - before, "deleted": int(newly_deleted.sum())}
+            _atomic_json({"updated_at": watermark}, self.watermark_path)
+        return {"stored": len(merged), "new": len(set(merged["annotation_id"].astype(int)) - before),
+                "deleted": int(newly_deleted.sum())}
+
+
+def latest_versions(rows: pd.DataFrame) -> pd.DataFrame:
+    """One row per annotation id: the one with the newest ``updated_at`` (the later row on a tie)."""
+    when = pd.to_datetime(rows["updated_at"], utc=True, format="ISO8601")
+    ordered = rows.assign(_when=when).sort_values("_when", kind="stable")
+    latest = ordered.drop_duplicates("annotation_id", keep="last").drop(columns="_when")
+    return latest.sort_values("annotation_id", kind="stable").reset_index(drop=True)
+
+
+def _atomic_json(value: dict, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value))
+    os.replace(tmp, path)
 
 
 def _atomic_parquet(frame: pd.DataFrame, path: Path) -> None:

@@ -7,18 +7,25 @@ presigning on, so Label Studio mints a fresh presigned URL whenever an annotator
 opens a task — hours or weeks after the push.
 
 Every task carries ``external_id`` = hash of its generation ids (in order), so
-pushing the same selection twice creates nothing the second time.
+pushing the same selection twice creates nothing the second time. Creating a
+project and pushing into one hold a lock (per title, per project) from reading what
+exists to the last write, so two pushes at once cannot both create a project or a
+task. The locks are files under the state directory: pushes from several machines
+into one Label Studio must share that directory, or take turns.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from components.annotation.labeling import IMAGE_KEYS, RoundKind, label_config
 from components.errors import ServiceError
+from components.locking import file_lock
 from components.project import Project
+
 
 def client_for(project: Project):
     from label_studio_sdk import LabelStudio
@@ -31,6 +38,11 @@ def project_title(project: Project, kind: RoundKind, k: int) -> str:
     return f"{prefix}: {kind}" + (f" (k={k})" if kind == "best_of_k" else "")
 
 
+def _lock(project: Project, what: str):
+    digest = hashlib.sha256(f"{project.label_studio_url} {what}".encode()).hexdigest()[:16]
+    return file_lock(project.state_dir / "locks" / f"label-studio-{digest}.lock")
+
+
 def external_id(generation_ids: Sequence[str]) -> str:
     return hashlib.sha256("|".join(generation_ids).encode()).hexdigest()[:20]
 
@@ -39,16 +51,17 @@ def ensure_project(client, project: Project, kind: RoundKind, k: int = 2) -> int
     """The Label Studio project for a round kind, with its labeling config and S3 storage."""
     title = project_title(project, kind, k)
     config = label_config(kind, k)
-    existing = [p for p in client.projects.list() if p.title == title]
-    if existing:
-        ls_project = existing[0]
-        if ls_project.label_config != config:
-            client.projects.update(id=ls_project.id, label_config=config)
-    else:
-        ls_project = client.projects.create(
-            title=title, label_config=config,
-            description="Created by aligndiff. Judge whether images match their prompt.")
-    _ensure_storage(client, project, ls_project.id)
+    with _lock(project, f"title {title}"):
+        existing = sorted((p for p in client.projects.list() if p.title == title), key=lambda p: p.id)
+        if existing:
+            ls_project = existing[0]
+            if ls_project.label_config != config:
+                client.projects.update(id=ls_project.id, label_config=config)
+        else:
+            ls_project = client.projects.create(
+                title=title, label_config=config,
+                description="Created by aligndiff. Judge whether images match their prompt.")
+        _ensure_storage(client, project, ls_project.id)
     return ls_project.id
 
 
@@ -85,9 +98,25 @@ class PushResult:
     task_ids: dict[str, int]  # external id → Label Studio task id (new and existing)
 
 
+def keyset_pages(client, ls_project_id: int, filters: list[dict], page_size: int, **list_options):
+    """A project's tasks in id order, each page asking for ids above the last one read:
+    unlike offset pages, a task created, edited or deleted meanwhile shifts no other
+    task out of the page it was due in."""
+    last_id = 0
+    while True:
+        items = [{"filter": "filter:tasks:id", "operator": "greater", "type": "Number", "value": last_id}, *filters]
+        query = json.dumps({"ordering": ["id"], "filters": {"conjunction": "and", "items": items}})
+        # The pager's first page only: the next page is asked for by id, not by offset.
+        page = client.tasks.list(project=ls_project_id, query=query, page_size=page_size, **list_options).items or []
+        yield from page
+        if len(page) < page_size:
+            return
+        last_id = page[-1].id
+
+
 def existing_external_ids(client, project_id: int) -> dict[str, int]:
     out = {}
-    for task in client.tasks.list(project=project_id, fields="all", page_size=1000):
+    for task in keyset_pages(client, project_id, [], 1000, fields="task_only"):
         ext = (task.data or {}).get("external_id")
         if ext:
             out[ext] = task.id
@@ -97,6 +126,12 @@ def existing_external_ids(client, project_id: int) -> dict[str, int]:
 def push_tasks(client, project: Project, project_id: int, specs: Sequence[TaskSpec], chunk: int = 500,
                on_progress=None) -> PushResult:
     """Create one task per spec unless a task with its external id exists."""
+    with _lock(project, f"project {project_id}"):
+        return _push_locked(client, project, project_id, specs, chunk, on_progress)
+
+
+def _push_locked(client, project: Project, project_id: int, specs: Sequence[TaskSpec], chunk: int,
+                 on_progress) -> PushResult:
     bucket = project.params.services.s3.bucket
     have = existing_external_ids(client, project_id)
     new = []
