@@ -17,6 +17,9 @@ S3_SECRET_KEY = "ALIGNDIFF_S3_SECRET_ACCESS_KEY"
 LS_USERNAME = "LABEL_STUDIO_USERNAME"
 LS_PASSWORD = "LABEL_STUDIO_PASSWORD"
 LS_API_KEY = "LABEL_STUDIO_API_KEY"
+# Prefect's own client setting: `user:password` for the server's basic auth. Generated for
+# the embedded server; optional for an external one that has no auth.
+PREFECT_AUTH = "PREFECT_API_AUTH_STRING"
 
 _GENERATORS = {
     S3_ACCESS_KEY: lambda: "AD" + secrets.token_hex(9).upper(),
@@ -25,6 +28,7 @@ _GENERATORS = {
     LS_PASSWORD: lambda: secrets.token_urlsafe(18),
     # Label Studio's legacy token must be exactly 40 characters.
     LS_API_KEY: lambda: secrets.token_hex(20),
+    PREFECT_AUTH: lambda: "admin:" + secrets.token_urlsafe(24),
 }
 
 
@@ -35,6 +39,7 @@ class Credentials:
     ls_username: str
     ls_password: str
     ls_api_key: str
+    prefect_auth: str | None = None
 
     def __repr__(self) -> str:  # never leak values into logs or tracebacks
         return "Credentials(<redacted>)"
@@ -61,7 +66,7 @@ def generate_missing(path: Path) -> list[str]:
     current = read_env_file(path)
     added = [k for k in _GENERATORS if k not in current and k not in os.environ]
     if not added and path.exists():
-        os.chmod(path, 0o600)
+        _owner_only(path)
         return []
     set_values(path, {k: _GENERATORS[k]() for k in added})
     return added
@@ -79,10 +84,32 @@ def set_values(path: Path, values: dict[str, str]) -> None:
             lines[i] = f"{key}={pending.pop(key)}"
     lines += [f"{k}={v}" for k, v in pending.items()]
     tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write("\n".join(lines) + "\n")
-    os.replace(tmp, path)
+    # A stale temporary file (from a crash) would keep its old mode through O_CREAT:
+    # remove it, create anew with O_EXCL, so the secrets are 0600 from the first byte.
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write("\n".join(lines) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _owner_only(path)
+
+
+def _owner_only(path: Path) -> None:
+    """Make ``path`` mode 0600 and check that it is."""
+    from components.errors import UserError
+
+    os.chmod(path, 0o600)
+    mode = path.stat().st_mode & 0o777
+    if mode != 0o600:
+        raise UserError(f"{path}: mode is {mode:o}, expected 600 (its filesystem ignores permissions?); "
+                        "keep credentials on a filesystem that honours them")
 
 
 def load(path: Path) -> Credentials:
@@ -102,4 +129,5 @@ def load(path: Path) -> Credentials:
         ls_username=get(LS_USERNAME),
         ls_password=get(LS_PASSWORD),
         ls_api_key=get(LS_API_KEY),
+        prefect_auth=os.environ.get(PREFECT_AUTH) or file_values.get(PREFECT_AUTH) or None,
     )

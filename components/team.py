@@ -28,6 +28,7 @@ CREDENTIALS_FROM_COMPOSE = {
     credentials.LS_USERNAME: "LABEL_STUDIO_USERNAME",
     credentials.LS_PASSWORD: "LABEL_STUDIO_PASSWORD",
     credentials.LS_API_KEY: "LABEL_STUDIO_API_KEY",
+    credentials.PREFECT_AUTH: "PREFECT_AUTH_STRING",
 }
 # the compose file's defaults, for variables the env file leaves out
 COMPOSE_DEFAULTS = {"S3_PORT": "9000", "PREFECT_PORT": "4200", "LABEL_STUDIO_PORT": "8080",

@@ -100,7 +100,7 @@ class Stack:
     def services(self) -> list[Service]:
         p, svc = self.project, self.project.params.services
         state = p.state_dir
-        creds = p.credentials if (svc.s3.embedded or svc.label_studio.embedded) else None
+        creds = p.credentials if (svc.s3.embedded or svc.label_studio.embedded or svc.prefect.embedded) else None
         base_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/root"),
                     "LANG": "C.UTF-8", "TMPDIR": str(state / "tmp")}
         s3_url = p.s3_endpoint or "https://s3.amazonaws.com"
@@ -132,7 +132,9 @@ class Stack:
                 env={**base_env, "PREFECT_HOME": str(state / "prefect"),
                      "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "true",
                      # the API the UI's browser code calls: this server's, not a profile's default
-                     "PREFECT_UI_API_URL": p.prefect_api_url},
+                     "PREFECT_UI_API_URL": p.prefect_api_url,
+                     # basic auth on every API call but /health; the UI asks for the same string
+                     **({"PREFECT_SERVER_API_AUTH_STRING": creds.prefect_auth} if creds and creds.prefect_auth else {})},
                 embedded=svc.prefect.embedded,
             ),
             Service(
@@ -203,8 +205,15 @@ class Stack:
 
         console = console or Console(stderr=True)
         state = self.project.state_dir
+        # Owner-only: the stores hold the data and Label Studio's database holds the S3 key
+        # and API token in plain text. The services also run with umask 077 (see _start).
+        state.mkdir(parents=True, exist_ok=True)
+        state.chmod(0o700)
         for sub in ("run", "logs", "tmp", "s3", "prefect", "label-studio"):
-            (state / sub).mkdir(parents=True, exist_ok=True)
+            (state / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
+            (state / sub).chmod(0o700)
+        for database in (state / "label-studio").glob("*.sqlite3"):  # made by an older version
+            database.chmod(0o600)
         added = credentials.generate_missing(self.project.env_file)
         if added:
             console.print(f"generated credentials in {self.project.env_file} (mode 0600): {', '.join(added)}")
@@ -244,12 +253,12 @@ class Stack:
 
     def _start(self, service: Service) -> None:
         log_path = self.log_dir / f"{service.name}.log"
-        with open(log_path, "ab") as log:
+        with open(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as log:
             log.write(f"\n--- aligndiff: starting {service.title} at {time.ctime()} ---\n".encode())
             log.flush()
             proc = subprocess.Popen(
                 service.command, env=service.env, cwd=self.project.state_dir, stdin=subprocess.DEVNULL,
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True, umask=0o077,
             )
         self._launched[service.name] = proc
         record = {"pid": proc.pid, "port": service.port, "url": service.url, "log": str(log_path),
@@ -358,6 +367,11 @@ class Stack:
         if marker.exists() and marker.read_text().strip() == digest:
             return venv
         if venv.exists():
+            # Replaced only if it is a virtualenv: a path set by mistake to a folder of the
+            # user's must never be deleted.
+            if not (venv / "pyvenv.cfg").is_file():
+                raise ServiceError(f"{venv} exists and is not a virtualenv (no pyvenv.cfg); point "
+                                   "services.label_studio.venv at a new folder or an existing venv")
             shutil.rmtree(venv)
         venv.parent.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / "label-studio-install.log"

@@ -115,12 +115,13 @@ def stack_project(tmp_path_factory):
 @pytest.fixture
 def prefect_api(stack_project):
     """Point this process's Prefect client at the session's embedded server."""
-    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, PREFECT_HOME, temporary_settings
 
     from prefect.events.worker import EventsWorker
     from prefect.logging.handlers import APILogWorker
 
     with temporary_settings(updates={PREFECT_API_URL: stack_project.prefect_api_url,
+                                     PREFECT_API_AUTH_STRING: stack_project.credentials.prefect_auth,
                                      PREFECT_HOME: str(stack_project.state_dir / "prefect-client")}):
         yield stack_project.prefect_api_url
         # Flush logs and events now: once the session stops the server, they could

@@ -20,8 +20,13 @@ def chromium() -> str:
     return CHROMIUM
 
 
-def latest_completed_run(api_url: str, flow_name: str) -> dict:
-    runs = httpx.post(f"{api_url}/flow_runs/filter", json={
+def _basic(auth: str) -> tuple[str, str]:
+    user, _, password = auth.partition(":")
+    return user, password
+
+
+def latest_completed_run(api_url: str, auth: str, flow_name: str) -> dict:
+    runs = httpx.post(f"{api_url}/flow_runs/filter", auth=_basic(auth), json={
         "flows": {"name": {"any_": [flow_name]}},
         "flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}},
         "sort": "START_TIME_DESC", "limit": 1}).raise_for_status().json()
@@ -29,15 +34,16 @@ def latest_completed_run(api_url: str, flow_name: str) -> dict:
     return runs[0]
 
 
-def capture_flow_run_report(api_url: str, flow_name: str, artifact_key: str, expect_text: str,
+def capture_flow_run_report(api_url: str, auth: str, flow_name: str, artifact_key: str, expect_text: str,
                             out_dir: Path = OUTPUT) -> dict:
-    """Open the latest completed run of ``flow_name`` in the UI, find its ``artifact_key``
+    """Log in to the UI with the server's auth string (as a user pastes it from .env),
+    open the latest completed run of ``flow_name``, find its ``artifact_key``
     artifact in the run's Artifacts tab, open it and wait for ``expect_text`` in the
     rendered report; screenshot both pages. Returns what was seen and where it was saved."""
     from playwright.sync_api import sync_playwright
 
     ui_url = api_url.removesuffix("/api")
-    run = latest_completed_run(api_url, flow_name)
+    run = latest_completed_run(api_url, auth, flow_name)
     out_dir.mkdir(parents=True, exist_ok=True)
     shots = {"run": out_dir / f"{flow_name}-run.png", "report": out_dir / f"{flow_name}-report.png"}
     with sync_playwright() as p:
@@ -45,6 +51,10 @@ def capture_flow_run_report(api_url: str, flow_name: str, artifact_key: str, exp
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(f"{ui_url}/runs/flow-run/{run['id']}")
+            login = page.locator("input").first
+            login.wait_for(timeout=60_000)
+            login.fill(auth)
+            login.press("Enter")
             page.get_by_text(run["name"]).first.wait_for(timeout=60_000)
             page.get_by_text("Completed").first.wait_for(timeout=30_000)
             page.get_by_text("Artifacts", exact=True).click()

@@ -48,7 +48,8 @@ def test_deployments_are_registered_and_a_short_schedule_completes_runs(stack_pr
     assert [s.schedule.cron for s in deployment.schedules] == ["0 2 * * *"]
     assert asyncio.run(read("annotation_round"))[0].schedules == []
 
-    env = {**os.environ, "PREFECT_API_URL": prefect_api, "PREFECT_HOME": str(project.state_dir / "prefect-worker")}
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "PREFECT_API_AUTH_STRING": project.credentials.prefect_auth,
+           "PREFECT_HOME": str(project.state_dir / "prefect-worker")}
     worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", "test-pool",
                                "--type", "process"], cwd=root, env=env, start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -145,7 +146,8 @@ def test_prefect_deploy_all_registers_the_scheduled_deployments(stack_project, p
     write_prefect_yaml(project)
     asyncio.run(_ensure_pool("yaml-pool"))
     subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all"], cwd=root, check=True,
-                   env={**os.environ, "PREFECT_API_URL": prefect_api}, capture_output=True)
+                   env={**os.environ, "PREFECT_API_URL": prefect_api,
+                        "PREFECT_API_AUTH_STRING": project.credentials.prefect_auth}, capture_output=True)
 
     async def read(name: str):
         async with get_client() as client:

@@ -22,7 +22,7 @@ from components.credentials import read_env_file
 REPO = Path(__file__).resolve().parents[1]
 INFRA = REPO / "infra"
 BIN = Path(sys.executable).parent
-SECRET_NAME = re.compile(r"PASSWORD|SECRET|API_KEY|ACCESS_KEY|TOKEN|USERNAME")
+SECRET_NAME = re.compile(r"PASSWORD|SECRET|API_KEY|ACCESS_KEY|TOKEN|USERNAME|AUTH_STRING")
 KUBERNETES_VERSION = "1.33.0"
 
 

@@ -175,7 +175,8 @@ def test_label_studio_round_then_retrain_promotes_a_tagged_model(stack_project, 
     assert rounds.new_labels(project) == 0
 
     # what a reviewer sees: the run in the Prefect UI, its report artifact with the decision
-    seen = prefect_ui.capture_flow_run_report(prefect_api, "retrain", "retrain-report", "promoted: policy@v1")
+    seen = prefect_ui.capture_flow_run_report(prefect_api, stack_project.credentials.prefect_auth, "retrain",
+                                              "retrain-report", "promoted: policy@v1")
     assert seen["run"]["state_type"] == "COMPLETED" and "/artifacts/artifact/" in seen["report_url"]
     grids = [width for alt, width in seen["images"] if "candidate" in alt]
     assert grids and all(width > 0 for width in grids), seen["images"]  # the image grid shows in the UI

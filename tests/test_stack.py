@@ -127,3 +127,55 @@ def test_service_that_dies_during_startup_is_reported_with_its_log(tmp_path, mon
     with pytest.raises(ServiceError, match=r"S3 \(rclone\) exited during start-up; see .*s3.log"):
         stack.up()
     assert stack.running_pid("s3") is None
+
+
+def test_state_is_private_to_its_owner(stack_project):
+    """Label Studio's database holds the S3 key and the API token; the stores hold the data."""
+    state = stack_project.state_dir
+
+    def mode(path):
+        return stat.S_IMODE(os.stat(path).st_mode)
+
+    assert mode(state) == 0o700
+    for sub in ("s3", "label-studio", "prefect", "logs", "run"):
+        assert mode(state / sub) == 0o700, sub
+    databases = list((state / "label-studio").glob("*.sqlite3"))
+    assert databases and all(mode(db) == 0o600 for db in databases)
+    assert mode(state / "prefect" / "prefect.db") == 0o600
+    assert all(mode(log) == 0o600 for log in (state / "logs").glob("*.log"))
+    # what the services write later is owner-only too (they run with umask 077)
+    objects = [p for p in (state / "s3").rglob("*") if p.is_file()]
+    assert objects and all(mode(p) & 0o077 == 0 for p in objects)
+
+
+def test_prefect_api_refuses_requests_without_the_generated_credential(stack_project):
+    import base64
+    import urllib.error
+
+    api = stack_project.prefect_api_url
+    auth = stack_project.credentials.prefect_auth
+    assert auth and auth.startswith("admin:") and len(auth) > 30
+    for headers in ({}, {"Authorization": "Basic " + base64.b64encode(b"admin:wrong").decode()}):
+        request = urllib.request.Request(api + "/flows/filter", data=b"{}", method="POST", headers=headers)
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=10)
+        assert refused.value.code == 401
+    request = urllib.request.Request(api + "/flows/filter", data=b"{}", method="POST",
+                                     headers={"Authorization": "Basic " + base64.b64encode(auth.encode()).decode(),
+                                              "Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as resp:
+        assert resp.status == 200
+    with urllib.request.urlopen(api + "/health", timeout=10) as resp:  # probes stay open, as in Kubernetes
+        assert resp.status == 200
+
+
+def test_a_label_studio_venv_setting_pointing_at_a_user_folder_never_deletes_it(tmp_path):
+    from rich.console import Console
+
+    mine = tmp_path / "my-notes"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    project = Project.load(write_project(tmp_path / "p", **{"label_studio.venv": str(mine)}))
+    with pytest.raises(ServiceError, match="is not a virtualenv"):
+        Stack(project).ensure_label_studio_venv(Console(quiet=True))
+    assert (mine / "thesis.tex").read_text() == "years of work"
