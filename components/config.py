@@ -21,7 +21,29 @@ _COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: `true` is no integer and 1 no boolean; finite: a NaN threshold would pass every check
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+
+def _inside(value: str, key: str) -> str:
+    """A relative path that stays inside the project (no absolute path, no `..`)."""
+    parts = Path(value).parts
+    if not value.strip() or Path(value).is_absolute() or ".." in parts:
+        raise ValueError(f"{key} must be a relative path inside the project, got {value!r}")
+    return value
+
+
+def _cron(value: str | None, key: str) -> str | None:
+    from datetime import datetime
+
+    from cronsim import CronSim, CronSimError
+
+    if value is not None:
+        try:
+            CronSim(value, datetime(2026, 1, 1))
+        except (CronSimError, ValueError) as exc:
+            raise ValueError(f"{key}: {value!r} is not a cron expression ({exc})") from None
+    return value
 
 
 def Port(default: int):  # noqa: N802 - reads like the Field it returns
@@ -38,6 +60,11 @@ class S3Service(_Strict):
     bucket: str = Field("aligndiff", pattern=r"^[a-z0-9][a-z0-9.-]{2,62}$")
     dvc_bucket: str = Field("aligndiff-dvc", pattern=r"^[a-z0-9][a-z0-9.-]{2,62}$")
     dvc_prefix: str = "store"
+
+    @model_validator(mode="after")
+    def _prefix_inside_bucket(self) -> S3Service:
+        _inside(self.dvc_prefix, "dvc_prefix")
+        return self
 
 
 class PrefectService(_Strict):
@@ -67,6 +94,7 @@ class Services(_Strict):
 
     @model_validator(mode="after")
     def _distinct_ports(self) -> Services:
+        _inside(self.state_dir, "state_dir")
         ports = {"s3": self.s3.port, "prefect": self.prefect.port, "label_studio": self.label_studio.port}
         if len(set(ports.values())) != len(ports):
             raise ValueError(f"service ports must differ, got {ports}")
@@ -149,6 +177,12 @@ class CurateParams(_Strict):
     max_line_chars: int = Field(4000, ge=1)
     blocklist: list[str] = []
 
+    @model_validator(mode="after")
+    def _bounds(self) -> CurateParams:
+        if self.min_chars > self.max_chars:
+            raise ValueError(f"min_chars {self.min_chars} is above max_chars {self.max_chars}")
+        return self
+
 
 class CaptionNoise(_Strict):
     count_off_by_one: float = Field(0.5, ge=0, le=1)
@@ -174,7 +208,7 @@ class PretrainParams(_Strict):
 
 class SampleParams(_Strict):
     steps: int = Field(20, ge=1, le=1000)
-    guidance_scale: float = Field(3.0, ge=0)
+    guidance_scale: float = Field(3.0, ge=1)  # classifier-free guidance; 1 = the conditional model alone
     eta: float = Field(1.0, ge=0, le=1)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # on a GPU; CPUs sample in float32
 
@@ -209,6 +243,12 @@ class ValidateParams(_Strict):
     min_good_share: float = Field(0.02, ge=0, le=1)  # class balance of binary majorities
     max_good_share: float = Field(0.98, ge=0, le=1)
     min_labels: int = Field(100, ge=0)  # votes in the snapshot before training
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ValidateParams:
+        if self.min_good_share > self.max_good_share:
+            raise ValueError(f"min_good_share {self.min_good_share} is above max_good_share {self.max_good_share}")
+        return self
 
 
 class RewardParams(_Strict):
@@ -274,10 +314,12 @@ class FinetuneParams(_Strict):
     method: Literal["d3po", "prdp", "reward_weighted", "diffusion_dpo"] = "reward_weighted"
     init: str = "production"  # the model fine-tuned (and the frozen reference): production | base | PATH
     lora: LoraParams = LoraParams()
-    precision: str = "32-true"  # Lightning precision, e.g. bf16-mixed on GPUs
-    accelerator: str = "auto"
-    devices: int | str = 1
-    strategy: str = "auto"  # ddp / fsdp on multi-GPU machines
+    # Lightning's own names, so a typo fails here rather than an hour into a run
+    precision: Literal["32-true", "32", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true"] = "32-true"
+    accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps", "tpu"] = "auto"
+    devices: int | Literal["auto"] = Field(1, ge=1)
+    strategy: Literal["auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true", "fsdp", "deepspeed",
+                      "single_device"] = "auto"  # ddp / fsdp on multi-GPU machines
     num_nodes: int = Field(1, ge=1)
     gradient_checkpointing: bool = False  # recompute UNet activations: less memory, ≈30% slower
     accumulate_grad_batches: int = Field(1, ge=1)
@@ -317,6 +359,12 @@ class ScheduleParams(_Strict):
     sync_annotations: str | None = "*/10 * * * *"
     annotation_round: str | None = "0 6 * * 1"
     retrain: str | None = "0 2 * * *"
+
+    @model_validator(mode="after")
+    def _crons(self) -> ScheduleParams:
+        for name in ("sync_annotations", "annotation_round", "retrain"):
+            _cron(getattr(self, name), name)
+        return self
 
 
 GPU_PROFILES = ("sd15", "sdxl")
@@ -371,10 +419,31 @@ def _describe(err: dict[str, Any]) -> str:
     return f"{loc}: {msg}, got {err.get('input')!r}"
 
 
+def _lines(source: str, exc: ValidationError, prefix: str = "") -> str:
+    """One line per wrong value: the branches of a union (``int | 'auto'``) come as
+    consecutive errors on one input, tagged with the branch; they make one line."""
+    lines, errors = [], exc.errors()
+    i = 0
+    while i < len(errors):
+        group = [errors[i]]
+        while (i + len(group) < len(errors) and len(errors[i]["loc"]) > 1
+               and errors[i + len(group)]["loc"][:-1] == errors[i]["loc"][:-1]
+               and repr(errors[i + len(group)].get("input")) == repr(errors[i].get("input"))):
+            group.append(errors[i + len(group)])
+        if len(group) == 1:
+            lines.append(f"{source}: {prefix}{_describe(group[0])}")
+        else:
+            loc = ".".join(str(p) for p in group[0]["loc"][:-1])
+            wanted = " or ".join(e["msg"].removeprefix("Input should be ") for e in group)
+            lines.append(f"{source}: {prefix}{loc}: expected {wanted}, got {group[0].get('input')!r}")
+        i += len(group)
+    return "\n".join(lines)
+
+
 def parse_params(data: Any, source: str = "params.yaml") -> Params:
     """Validate a parsed params mapping; raise ParamsError with one line per problem."""
     if data is None:
-        data = {}
+        raise ParamsError(f"{source}: empty; expected the sections of params.yaml (profile, services, …)")
     if not isinstance(data, dict):
         raise ParamsError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
     overlays = data.get("profiles") or {}
@@ -383,6 +452,10 @@ def parse_params(data: Any, source: str = "params.yaml") -> Params:
     unknown = [name for name in overlays if name not in GPU_PROFILES]
     if unknown:
         raise ParamsError(f"{source}: profiles.{unknown[0]}: unknown profile (expected one of {', '.join(GPU_PROFILES)})")
+    try:  # the file's own sections first, so their errors carry their own key paths
+        Params.model_validate({**data, "profiles": {}})
+    except ValidationError as exc:
+        raise ParamsError(_lines(source, exc)) from None
     for name, overlay in overlays.items():  # every profile's overrides are checked, not only the active one's
         for key in ("profile", "profiles", "services", "models"):
             if key in overlay:
@@ -390,12 +463,12 @@ def parse_params(data: Any, source: str = "params.yaml") -> Params:
         try:
             Params.model_validate({**_merged(data, overlay), "profile": "world", "profiles": {}})
         except ValidationError as exc:
-            raise ParamsError("\n".join(f"{source}: profiles.{name}.{_describe(e)}" for e in exc.errors())) from None
+            raise ParamsError(_lines(source, exc, prefix=f"profiles.{name}.")) from None
     active = overlays.get(data.get("profile"))
     try:
         return Params.model_validate(_merged(data, active) if active else data)
     except ValidationError as exc:
-        raise ParamsError("\n".join(f"{source}: {_describe(e)}" for e in exc.errors())) from None
+        raise ParamsError(_lines(source, exc)) from None
 
 
 def _merged(base: dict, overlay: dict) -> dict:
@@ -404,6 +477,19 @@ def _merged(base: dict, overlay: dict) -> dict:
     for key, value in overlay.items():
         out[key] = _merged(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
     return out
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
@@ -415,7 +501,7 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     except UnicodeDecodeError as exc:
         raise ParamsError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""

@@ -26,6 +26,9 @@ def _project(args):
 def _use_embedded_prefect(project) -> None:
     """Flows run in this process report to the project's Prefect server."""
     os.environ["PREFECT_API_URL"] = project.prefect_api_url
+    auth = project.credentials.prefect_auth
+    if auth:  # inherited by the workers and flow-run processes this one starts
+        os.environ["PREFECT_API_AUTH_STRING"] = auth
     os.environ.setdefault("PREFECT_HOME", str(project.state_dir / "prefect"))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
@@ -199,10 +202,21 @@ def _progress(label: str):
     return Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
 
 
+def _check_annotate_args(args) -> None:
+    """Values argparse's types cannot judge alone, refused before anything is touched."""
+    from components.annotation.labeling import IMAGE_KEYS
+
+    if args.kind == "best_of_k" and not 2 <= args.k <= len(IMAGE_KEYS):
+        raise UserError(f"--k {args.k}: best_of_k shows 2 to {len(IMAGE_KEYS)} images per task")
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit {args.limit}: expected at least 1 task (leave it out to push every candidate)")
+
+
 def cmd_annotate(args) -> int:
     from components.annotation import rounds
     from components.annotation.simulate import AnnotatorConfig
 
+    _check_annotate_args(args)
     project = _project(args)
     if args.action == "push":
         with _progress("push tasks") as progress:
@@ -217,14 +231,20 @@ def cmd_annotate(args) -> int:
             result = rounds.simulate_round(project, args.kind, args.k, config,
                                            on_progress=lambda n: progress.advance(task, n))
     elif args.action == "sync":
-        with _progress("sync changed tasks") as progress:
+        with _progress("sync every task" if args.full else "sync changed tasks") as progress:
             task = progress.add_task("sync", total=None)
-            result = rounds.sync_round(project, args.kind, args.k,
+            result = rounds.sync_round(project, args.kind, args.k, full=args.full,
                                        on_progress=lambda done, total: progress.update(task, completed=done, total=total))
         result["per_annotator"] = rounds.per_annotator(project)
         rejected = rounds.rejected_reasons(project)
         for row in rejected.tail(args.show_rejected).itertuples():
             print(f"rejected annotation {row.annotation_id} (task {row.task_id}): {row.reason}")
+        if args.full and not result["verified"]["equal"]:
+            print(json.dumps(result, indent=2, default=str))
+            print("annotate sync --full: the store differs from Label Studio after a full read "
+                  "({missing} missing, {extra} extra, {outdated} outdated, {duplicated} duplicated); annotators may "
+                  "have edited during the check: run it again".format(**result["verified"]), file=sys.stderr)
+            return 1
     else:
         result = rounds.snapshot_labels(project)
     print(json.dumps(result, indent=2, default=str))
@@ -335,6 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flip-rate", type=float, default=0.1, help="simulate: probability of the wrong answer")
     p.add_argument("--bias", type=float, default=0.0, help="simulate: probability of answering good/left blindly")
     p.add_argument("--show-rejected", type=int, default=20, help="sync: rejected results to list")
+    p.add_argument("--full", action="store_true",
+                   help="sync: read every task, not only changed ones, then check that the store equals Label Studio")
     p.set_defaults(func=cmd_annotate)
     p = sub.add_parser("validate", help="check datasets with Great Expectations (one line per failure)")
     p.add_argument("datasets", nargs="*", metavar="DATASET", help="prompts, generations, labels (default: all)")
@@ -365,6 +387,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _expected_failure(exc: Exception) -> str | None:
+    """One line for a service that cannot be reached or refuses us, or a file we cannot
+    use; None for anything else (a bug, which keeps its traceback)."""
+    import httpx
+
+    if isinstance(exc, httpx.TransportError):
+        try:
+            url = exc.request.url
+            where = f"{url.scheme}://{url.host}:{url.port}"
+        except RuntimeError:  # raised without its request
+            where = "a service"
+        return (f"cannot reach {where} ({type(exc).__name__}: {exc or 'no answer'}); is it running? "
+                "(`aligndiff status`)")
+    if type(exc).__module__.startswith("label_studio_sdk") and hasattr(exc, "status_code"):
+        hint = {401: "check LABEL_STUDIO_API_KEY in .env", 403: "check LABEL_STUDIO_API_KEY in .env",
+                404: "it may have been deleted in Label Studio"}.get(exc.status_code, "see its log")
+        return f"Label Studio answered HTTP {exc.status_code}: {str(getattr(exc, 'body', ''))[:160]}; {hint}"
+    if isinstance(exc, OSError) and exc.filename:
+        return f"{exc.filename}: {exc.strerror or exc}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -373,6 +417,12 @@ def main(argv: list[str] | None = None) -> int:
         for line in str(exc).splitlines():
             print(f"aligndiff: error: {line}", file=sys.stderr)
         return exc.exit_code
+    except Exception as exc:  # the expected failures of the outside world, one line each
+        line = _expected_failure(exc)
+        if line is None:
+            raise
+        print(f"aligndiff: error: {line}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("aligndiff: interrupted", file=sys.stderr)
         return 130

@@ -41,9 +41,41 @@ def test_round_from_generations_to_label_snapshot(stack_project, tmp_path, capsy
         assert manifest.loc[row.winner, "prompt"] == row.prompt
 
 
-def test_bad_annotator_settings_are_one_line_errors(stack_project, tmp_path, capsys):
-    assert cli(["--project", str(stack_project.root), "annotate", "simulate", "--flip-rate", "1.5"]) == 1
-    assert capsys.readouterr().err.strip() == "aligndiff: error: flip-rate must be between 0 and 1, got 1.5"
+@pytest.mark.parametrize("args, message", [
+    (["simulate", "--flip-rate", "1.5"], "flip-rate must be between 0 and 1, got 1.5"),
+    (["simulate", "--annotators", "2", "--coverage", "3"], "coverage 3 is more than the 2 annotators"),
+    (["push", "--limit", "-1"], "--limit -1: expected at least 1 task"),
+    (["push", "--limit", "0"], "--limit 0: expected at least 1 task"),
+    (["push", "--kind", "best_of_k", "--k", "1"], "--k 1: best_of_k shows 2 to 4 images per task"),
+])
+def test_bad_annotate_arguments_are_one_line_errors_before_anything_is_touched(stack_project, capsys, args,
+                                                                             message):
+    rounds_dir = stack_project.state_dir / "rounds"
+    before = sorted(rounds_dir.iterdir()) if rounds_dir.exists() else []
+    assert cli(["--project", str(stack_project.root), "annotate", *args]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"aligndiff: error: {message}"), err
+    assert (sorted(rounds_dir.iterdir()) if rounds_dir.exists() else []) == before
+
+
+@pytest.mark.parametrize("action", ["push", "simulate", "sync"])
+def test_an_unreachable_label_studio_is_one_line_naming_it(tmp_path, capsys, action):
+    """A port where nothing listens: a real connection refusal, no server needed."""
+    from components import credentials
+    from components.project import Project
+    from tests.conftest import write_project
+
+    project = Project.load(write_project(tmp_path / "offline"))
+    credentials.generate_missing(project.env_file)
+    if action == "push":  # push reads its generations before it calls Label Studio
+        generate_manifest = project.path(generate.MANIFEST_OUT)
+        generate_manifest.parent.mkdir(parents=True)
+        pd.DataFrame({"generation_id": ["a", "b"], "prompt": ["p", "p"], "init_seed": [0, 0], "noise_group": [0, 0],
+                      "prompt_id": ["x", "x"], "image_key": ["k1", "k2"], "seed": [1, 2]}).to_parquet(generate_manifest)
+    assert cli(["--project", str(project.root), "annotate", action, "--kind", "pairwise"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith(f"aligndiff: error: cannot reach {project.label_studio_url} (ConnectError")
 
 
 def test_push_without_generations_says_what_to_run(stack_project, tmp_path, capsys):

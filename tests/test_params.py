@@ -47,6 +47,20 @@ BAD_CASES = {
     "unknown profile overlay": (lambda d: d["profiles"].update(sd3={}), "profiles.sd3: unknown profile"),
     "profile overriding services": (lambda d: d["profiles"]["sd15"].update(services={"host": "0.0.0.0"}),
                                     "profiles.sd15.services: cannot be overridden by a profile"),
+    "top-level typo next to profiles": (lambda d: d.update(turbo=True), "params.yaml: turbo: unknown key"),
+    "boolean for a number": (lambda d: d["reward"].update(steps=True), "reward.steps: expected a valid integer"),
+    "number for a boolean": (lambda d: d["retrain"].update(promote=1), "retrain.promote: expected a valid boolean"),
+    "NaN threshold": (lambda d: d["gate"].update(min_reward_gain=float("nan")), "gate.min_reward_gain: expected a finite"),
+    "min above max": (lambda d: d["validate"].update(min_good_share=0.9, max_good_share=0.5),
+                      "validate: min_good_share 0.9 is above max_good_share 0.5"),
+    "min chars above max": (lambda d: d["curate"].update(min_chars=50, max_chars=10), "min_chars 50 is above max_chars"),
+    "no guidance": (lambda d: d["sample"].update(guidance_scale=0), "sample.guidance_scale: expected greater than or equal to 1"),
+    "Lightning precision typo": (lambda d: d["finetune"].update(precision="bf16"), "finetune.precision: expected '32-true'"),
+    "devices neither a count nor auto": (lambda d: d["finetune"].update(devices="two"),
+                                         "finetune.devices: expected a valid integer or 'auto', got 'two'"),
+    "bad cron": (lambda d: d["schedules"].update(retrain="every night"), "retrain: 'every night' is not a cron expression"),
+    "state dir outside the project": (lambda d: d["services"].update(state_dir="/"), "state_dir must be a relative path"),
+    "dvc prefix climbing out": (lambda d: d["services"]["s3"].update(dvc_prefix="../.."), "dvc_prefix must be a relative path"),
 }
 
 
@@ -115,6 +129,9 @@ def test_local_model_directory_is_accepted_without_revision(tmp_path):
     [
         ("services:\n  s3: [unclosed\n", "params.yaml:3: invalid YAML"),
         ("- just\n- a list\n", "expected a mapping at the top level, got list"),
+        ("", "params.yaml: empty; expected the sections of params.yaml"),
+        ("# only a comment\n", "params.yaml: empty"),
+        ("seed: 1\nservices: {}\nseed: 2\n", "params.yaml:3: invalid YAML: duplicate key 'seed'"),
     ],
 )
 def test_unparseable_params(text, expected, tmp_path, capsys):
@@ -127,3 +144,62 @@ def test_unparseable_params(text, expected, tmp_path, capsys):
 def test_missing_params_file(tmp_path, capsys):
     assert main(["--project", str(tmp_path), "params"]) == 2
     assert "params.yaml: not found" in capsys.readouterr().err
+
+
+def _leaves(node, path=()):
+    if isinstance(node, dict):
+        yield path, node
+        for key, value in node.items():
+            yield from _leaves(value, (*path, key))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _leaves(value, (*path, i))
+    else:
+        yield path, node
+
+
+def _wrong_for(value, rng):
+    """A value of another type than ``value`` (so the schema must refuse it)."""
+    if isinstance(value, bool):
+        return rng.choice([1, "yes", 0.5, [True]])
+    if isinstance(value, int):
+        return rng.choice(["7", True, [value], {"n": value}, float("nan")])
+    if isinstance(value, float):
+        return rng.choice(["0.5", True, float("nan"), float("inf"), [value]])
+    if isinstance(value, str):
+        return rng.choice([12, True, [value], {"v": value}])
+    if value is None:
+        return rng.choice([[1], {"a": 1}])
+    return rng.choice([17, "text", [1, 2]])  # a section given as a scalar
+
+
+def test_fuzzed_params_files_are_each_refused_in_one_line(tmp_path, capsys):
+    """Hundreds of params.yaml files, each with one wrong value (another type, NaN, a
+    section as a scalar) or one unknown key anywhere: exit 2 with one line naming the
+    file, never a traceback, and no file left next to it."""
+    import random
+
+    rng = random.Random(28)
+    base = yaml.safe_load((REPO / "params.yaml").read_text())
+    leaves = [(path, value) for path, value in _leaves(base) if path]
+    for i in range(300):
+        data = yaml.safe_load((REPO / "params.yaml").read_text())
+        path, value = leaves[rng.randrange(len(leaves))]
+        parent = data
+        for key in path[:-1]:
+            parent = parent[key]
+        if isinstance(value, dict) and rng.random() < 0.5:
+            parent[path[-1]]["no_such_knob"] = 1
+        else:
+            parent[path[-1]] = _wrong_for(value, rng)
+        root = tmp_path / str(i)
+        root.mkdir()
+        (root / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+        code = main(["--project", str(root), "params"])
+        captured = capsys.readouterr()
+        err = captured.err.strip().splitlines()
+        where = f"{'.'.join(map(str, path))} ← {parent[path[-1]]!r}"
+        assert code == 2, f"{where}: accepted"
+        assert len(err) == 1 and err[0].startswith("aligndiff: error: ") and "params.yaml" in err[0], (where, err)
+        assert "Traceback" not in captured.err and not captured.out
+        assert sorted(p.name for p in root.iterdir()) == ["params.yaml"]
