@@ -22,7 +22,6 @@ import pandas as pd
 from components.errors import UserError
 
 GENERATIONS = Path("data/generations.parquet")
-ANNOTATIONS = Path("data/labels/annotations.parquet")
 TASKS = Path("data/labels/tasks.parquet")
 PREFERENCES = Path("data/labels/preferences.parquet")
 

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from components import feedback
-from components.annotation.snapshot import krippendorff_alpha
+from components.annotation.snapshot import LABELS_DIR, krippendorff_alpha
 from components.errors import UserError
 from components.project import Project
 from components.stage import report_errors
@@ -276,7 +276,7 @@ def build_suites(project: Project, datasets: list[str], full: bool) -> list[Suit
                                                            "annotators"], "run `aligndiff annotate snapshot`")
         prefs = feedback.read_table(root, feedback.PREFERENCES, ["prompt", "winner", "loser", "weight"],
                                     "run `aligndiff annotate snapshot`")
-        annotations = feedback.read_table(root, feedback.ANNOTATIONS, ["annotation_id", "task_id"],
+        annotations = feedback.read_table(root, LABELS_DIR / "annotations.parquet", ["annotation_id", "task_id"],
                                           "run `aligndiff annotate snapshot`")
         suites.append(labels_suite(tasks, prefs, annotations, gens, params))
     return suites

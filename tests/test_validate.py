@@ -12,6 +12,7 @@ from PIL import Image
 
 from components import curate, feedback, validate
 from components.annotation import oracle
+from components.annotation.snapshot import LABELS_DIR
 from components.annotation.simulate import AnnotatorConfig
 from components.project import Project
 from components.world.grammar import parse_prompt
@@ -62,7 +63,7 @@ def _tables(project):
     root = project.root
     return (pd.read_parquet(root / "data" / "prompts.parquet"), feedback.generations(root),
             pd.read_parquet(root / feedback.TASKS), pd.read_parquet(root / feedback.PREFERENCES),
-            pd.read_parquet(root / feedback.ANNOTATIONS))
+            pd.read_parquet(root / LABELS_DIR / "annotations.parquet"))
 
 
 def _params(project, **validate_overrides):

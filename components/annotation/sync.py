@@ -64,14 +64,15 @@ def server_now(client) -> datetime | None:
     return parsedate_to_datetime(date).astimezone(timezone.utc) if date else None
 
 
-def changed_tasks(client, ls_project_id: int, since: str | None, page_size: int = PAGE_SIZE) -> list:
-    """Every task (with its annotations) updated after ``since``; all of them if None."""
+def changed_tasks(client, ls_project_id: int, since: str | None, page_size: int | None = None) -> list:
+    """Every task (with its annotations) updated after ``since``; all of them if None.
+    ``page_size``: tasks per request (default ``PAGE_SIZE``)."""
     filters = []
     if since:
         value = datetime.fromisoformat(since).strftime("%Y-%m-%dT%H:%M:%S.%fZ")  # Label Studio's format
         filters.append({"filter": "filter:tasks:updated_at", "operator": "greater", "type": "Datetime",
                         "value": value})
-    return list(keyset_pages(client, ls_project_id, filters, page_size, fields="all"))
+    return list(keyset_pages(client, ls_project_id, filters, page_size or PAGE_SIZE, fields="all"))
 
 
 def task_ids(client, ls_project_id: int, page_size: int = 1000) -> set[int]:
