@@ -2,14 +2,15 @@
 
 Sources are the world grammar (``world``) and user files: ``.txt`` (one prompt per
 line), ``.csv`` / ``.jsonl`` (a ``prompt`` column, optional ``category``). Prompts
-are normalised (Unicode NFKC, whitespace, lower case), exact and near duplicates
-are dropped (near = same words after removing punctuation, in any order), as are
+are normalised (Unicode NFKC, invisible format characters such as zero-width spaces
+and bidi overrides removed, whitespace, lower case); prompts holding control
+characters (ANSI escapes, NUL, …) are dropped, as are exact and near duplicates (near = same words after removing punctuation, in any order), as are
 prompts outside the length bounds or containing a blocklisted word. Ids are the
 hash of the normalised text, so they are stable across runs and machines; the
 train/eval split is stratified by category and seeded.
 
-A bad file (missing, not UTF-8, no prompt column, empty, an oversized line) is a
-one-line error naming the file and line, and nothing is written.
+A bad file (missing, not UTF-8, no prompt column, malformed CSV quoting, empty, an
+oversized line) is a one-line error naming the file and line, and nothing is written.
 
 Run as a stage: ``python -m components.curate`` (reads params.yaml).
 """
@@ -46,7 +47,14 @@ class Prompt:
 
 
 def normalise(text: str) -> str:
-    return " ".join(unicodedata.normalize("NFKC", text).split()).lower()
+    """NFKC, without format characters (category Cf: zero-width, bidi controls), one space
+    between words, lower case."""
+    text = "".join(ch for ch in unicodedata.normalize("NFKC", text) if unicodedata.category(ch) != "Cf")
+    return " ".join(text.split()).lower()
+
+
+def has_control_characters(text: str) -> bool:
+    return any(unicodedata.category(ch) == "Cc" for ch in text)
 
 
 def prompt_id(normalised_text: str) -> str:
@@ -99,14 +107,21 @@ def file_prompts(path: Path, max_line_chars: int) -> list[Prompt]:
     if suffix == ".txt":
         rows = [(n, line, None) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
     elif suffix == ".csv":
-        reader = csv.DictReader(io.StringIO(text))
-        if not reader.fieldnames or "prompt" not in reader.fieldnames:
-            raise UserError(f"{path}:1: no 'prompt' column (found: {', '.join(reader.fieldnames or []) or 'none'})")
-        for row in reader:
-            if row.get("prompt") is None:
-                raise UserError(f"{path}:{reader.line_num}: row has fewer fields than the header")
-            if row["prompt"].strip():
-                rows.append((reader.line_num, row["prompt"], row.get("category") or None))
+        # strict: an unterminated quote is an error, not a field that swallows the rest of the file
+        reader = csv.DictReader(io.StringIO(text), strict=True)
+        row_start = 1  # the line where the row being read begins
+        try:
+            if not reader.fieldnames or "prompt" not in reader.fieldnames:
+                raise UserError(f"{path}:1: no 'prompt' column (found: {', '.join(reader.fieldnames or []) or 'none'})")
+            row_start = reader.line_num + 1
+            for row in reader:
+                if row.get("prompt") is None:
+                    raise UserError(f"{path}:{reader.line_num}: row has fewer fields than the header")
+                if row["prompt"].strip():
+                    rows.append((reader.line_num, row["prompt"], row.get("category") or None))
+                row_start = reader.line_num + 1
+        except csv.Error as exc:
+            raise UserError(f"{path}:{row_start}: malformed CSV from this row on ({exc}); check its quotes") from None
     elif suffix == ".jsonl":
         for n, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
@@ -142,6 +157,9 @@ def curate(prompts: list[Prompt], params: CurateParams, seed: int) -> tuple[list
     rows = []
     for prompt in prompts:
         text = normalise(prompt.text)
+        if has_control_characters(text):
+            dropped["control_characters"] += 1
+            continue
         if len(text) < params.min_chars:
             dropped["too_short"] += 1
             continue
@@ -163,7 +181,9 @@ def curate(prompts: list[Prompt], params: CurateParams, seed: int) -> tuple[list
         rows.append({"id": prompt_id(text), "text": text, "category": prompt.category, "tags": prompt.tags,
                      "source": prompt.source})
     if not rows:
-        raise UserError("curate: every prompt was filtered out; check curate.sources and the filters")
+        sources = ", ".join(sorted({p.source for p in prompts})) or "no source"
+        raise UserError(f"curate: every prompt of {sources} was filtered out (dropped: {dict(sorted(dropped.items()))}); "
+                        "check curate.sources and the filters")
     _split(rows, params.eval_fraction, seed)
     rows.sort(key=lambda r: r["id"])
     report = {

@@ -79,6 +79,8 @@ def test_user_files_are_normalised_deduplicated_and_filtered(tmp_path):
         ("bad.jsonl", b'{"prompt": "a"}\n{"prompt": \n', "bad.jsonl:2: invalid JSON"),
         ("bad2.jsonl", b'{"prompt": 3}\n', "bad2.jsonl:1: 'prompt' must be a string, got int"),
         ("bad.tsv", b"a\tb\n", "bad.tsv: unsupported prompt file type .tsv"),
+        ("quote.csv", b'prompt,category\n"two red circles,a\nthree blue squares,b\n',
+         "quote.csv:2: malformed CSV from this row on (unexpected end of data)"),
     ],
 )
 def test_bad_files_give_one_line_naming_file_and_line_and_write_nothing(tmp_path, name, content, expected, capsys,
@@ -91,6 +93,60 @@ def test_bad_files_give_one_line_naming_file_and_line_and_write_nothing(tmp_path
     assert len(err) == 1 and expected in err[0], err
     assert not any(p.exists() for p in _outputs(root))
     assert not list(root.rglob("*.tmp"))
+
+
+def test_invisible_and_control_characters_never_reach_a_prompt(tmp_path):
+    (tmp_path / "hostile.txt").write_text(
+        "\x1b[31ma red car\x1b[0m\n"           # ANSI colour escapes: dropped
+        "a bell\x07 rings twice\n"             # other control characters: dropped
+        "a \u202egreen\u202c tree\n"           # bidi override: removed, the prompt kept
+        "two\u200b blue\u200d boats\n"         # zero-width characters: removed
+        "\u200b\u200c\u200d\ufeff\n"            # nothing but zero-width: too short
+        "a plain line\n", encoding="utf-8")
+    report = curate.run(_project(tmp_path, ["hostile.txt"]))
+    texts = sorted(pd.read_parquet(_outputs(tmp_path)[0])["text"])
+    assert texts == ["a green tree", "a plain line", "two blue boats"]
+    assert report["dropped"] == {"control_characters": 2, "too_short": 1}
+
+
+def test_fuzzed_prompt_files_are_refused_in_one_line_or_curated_clean(tmp_path, capsys, monkeypatch):
+    """Random bytes, cut quotes, stray JSON and control characters in .txt/.csv/.jsonl files:
+    each run either curates prompts free of control and format characters, or exits 1
+    with one line naming the file, leaving no output or temporary file behind."""
+    import random
+    import unicodedata
+
+    rng = random.Random(28)
+    pieces = ["a red car", '"', ",", "\n", "\r\n", "{", "}", '"prompt": ', "\x00", "\x1b[1m", "\u202e", "\u200b",
+              "\ufeff", "é", "\\", "prompt,category", "'", "\t", "null", "[1]", "  "]
+    outcomes = {"curated": 0, "refused": 0}
+    for i in range(150):
+        root = tmp_path / str(i)
+        root.mkdir()
+        name = f"p{i}" + rng.choice([".txt", ".csv", ".jsonl"])
+        head = {"txt": "", "csv": "prompt,category\n", "jsonl": ""}[name.rsplit(".", 1)[1]]
+        body = "".join(rng.choice(pieces) for _ in range(rng.randrange(1, 40)))
+        data = (head + body).encode("utf-8")
+        if rng.random() < 0.15:
+            data += bytes([rng.randrange(128, 256)])  # not UTF-8
+        (root / name).write_bytes(data)
+        _project(root, [name])
+        monkeypatch.chdir(root)
+        code = curate.main()
+        captured = capsys.readouterr()
+        err = captured.err.strip().splitlines()
+        outputs = _outputs(root)
+        if code == 0:
+            texts = pd.read_parquet(outputs[0])["text"]
+            assert not any(unicodedata.category(ch) in ("Cc", "Cf") for t in texts for ch in t), list(texts)
+            outcomes["curated"] += 1
+        else:
+            assert code == 1 and len(err) == 1 and name in err[0], (data, err)
+            assert "Traceback" not in captured.err
+            assert not any(p.exists() for p in outputs)
+            outcomes["refused"] += 1
+        assert not list(root.rglob("*.tmp"))
+    assert min(outcomes.values()) > 10, outcomes  # both paths were exercised
 
 
 def test_missing_file_is_named(tmp_path):
