@@ -3,9 +3,10 @@
 Sources are the world grammar (``world``) and user files: ``.txt`` (one prompt per
 line), ``.csv`` / ``.jsonl`` (a ``prompt`` column, optional ``category``). Prompts
 are normalised (Unicode NFKC, invisible format characters such as zero-width spaces
-and bidi overrides removed, whitespace, lower case); prompts holding control
-characters (ANSI escapes, NUL, …) are dropped, as are exact and near duplicates (near = same words after removing punctuation, in any order), as are
-prompts outside the length bounds or containing a blocklisted word. Ids are the
+and bidi overrides removed, whitespace, lower case). Dropped: prompts holding control
+characters (ANSI escapes, NUL, …), exact and near duplicates (near = same words after
+removing punctuation, in any order), prompts outside the length bounds or containing
+a blocklisted word. Ids are the
 hash of the normalised text, so they are stable across runs and machines; the
 train/eval split is stratified by category and seeded.
 
@@ -182,8 +183,8 @@ def curate(prompts: list[Prompt], params: CurateParams, seed: int) -> tuple[list
                      "source": prompt.source})
     if not rows:
         sources = ", ".join(sorted({p.source for p in prompts})) or "no source"
-        raise UserError(f"curate: every prompt of {sources} was filtered out (dropped: {dict(sorted(dropped.items()))}); "
-                        "check curate.sources and the filters")
+        raise UserError(f"curate: every prompt of {sources} was filtered out "
+                        f"(dropped: {dict(sorted(dropped.items()))}); check curate.sources and the filters")
     _split(rows, params.eval_fraction, seed)
     rows.sort(key=lambda r: r["id"])
     report = {

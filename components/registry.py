@@ -29,8 +29,11 @@ from pathlib import Path
 from components import models
 from components.errors import UserError
 from components.evaluate import CANDIDATE, METRICS_OUT
+from components.files import read_json
 from components.gate import DECISION_OUT
 from components.project import Project
+
+_RESTORE = "restore it from git (`git checkout -- models/`)"
 
 PRODUCTION_DIR = Path("models/production")
 REGISTRY_DIR = Path("models/registry")
@@ -56,12 +59,12 @@ def _git(project: Project, *args: str) -> subprocess.CompletedProcess:
 def is_production(project: Project, model_version: str) -> bool:
     """Whether this model version is already production (promoting it again would add nothing)."""
     pointer = project.path(models.PRODUCTION_POINTER)
-    return pointer.exists() and json.loads(pointer.read_text()).get("model_version") == model_version
+    return pointer.exists() and read_json(pointer, _RESTORE).get("model_version") == model_version
 
 
 def versions(project: Project) -> list[dict]:
     path = project.path(REGISTRY)
-    return json.loads(path.read_text())["versions"] if path.exists() else []
+    return read_json(path, _RESTORE, ("versions",))["versions"] if path.exists() else []
 
 
 def model_card(card: dict) -> str:
@@ -99,7 +102,7 @@ def promote(project: Project, force: bool = False, commit: bool = True, build_co
     decision_path = project.path(DECISION_OUT)
     if not decision_path.exists():
         raise UserError(f"{DECISION_OUT}: no gate decision; run `dvc repro gate` first")
-    decision = json.loads(decision_path.read_text())
+    decision = read_json(decision_path, "re-run `dvc repro gate`", ("candidate", "passed", "failures"))
     version = models.model_version(candidate_dir)
     if decision["candidate"] != version:
         raise UserError(f"{DECISION_OUT}: the gate judged candidate {decision['candidate']}, but {CANDIDATE} is "
@@ -184,5 +187,5 @@ def _record_in_git(project: Project, tag: str, build_commit: str | None) -> None
 
 def listing(project: Project) -> list[dict]:
     pointer = project.path(models.PRODUCTION_POINTER)
-    current = json.loads(pointer.read_text())["version"] if pointer.exists() else None
+    current = read_json(pointer, _RESTORE, ("version",))["version"] if pointer.exists() else None
     return [{**v, "production": v["version"] == current} for v in versions(project)]

@@ -14,6 +14,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from components.dvc_remote import dvc_env
 from components.errors import UserError
+from components.files import read_json
 from components.locking import file_lock
 from components.project import Project
 from components.reports import headline_metrics, inline_images
@@ -218,8 +219,6 @@ def retrain(root: str = ".", force: bool = False, push_outputs: bool = True) -> 
     Runs only when ``retrain.min_new_labels`` annotations arrived since the last finished retrain
     (or ``force``). A validation failure stops it with the failed expectations.
     """
-    import json
-
     from components.annotation import rounds
 
     root = str(Path(root).resolve())
@@ -235,7 +234,8 @@ def retrain(root: str = ".", force: bool = False, push_outputs: bool = True) -> 
         stages_run = repro(root, ["gate"])
     except UserError as exc:
         raise UserError(f"{exc}; production unchanged") from None
-    decision = json.loads((Path(root) / "reports" / "gate.json").read_text())
+    decision = read_json(Path(root) / "reports" / "gate.json", "re-run `dvc repro gate`",
+                         ("candidate", "passed", "failures"))
     commit = record(root, f"Retrain on {labels['annotations']} annotations: {', '.join(stages_run) or 'no change'}",
                     params_at_start)
     from components import registry

@@ -20,6 +20,7 @@ from components.annotation import studio
 from components.annotation.labeling import RoundKind
 from components.annotation.sync import sync
 from components.errors import UserError
+from components.files import read_json, read_parquet
 from components.generate import MANIFEST_OUT
 from components.project import Project
 
@@ -107,7 +108,7 @@ def push_round(project: Project, kind: RoundKind, k: int, limit: int | None, see
     manifest_path = project.path(MANIFEST_OUT)
     if not manifest_path.exists():
         raise UserError(f"{manifest_path}: no generations to label; run `dvc repro generate` first")
-    manifest = pd.read_parquet(manifest_path)
+    manifest = read_parquet(manifest_path, "rebuild it with `dvc repro generate`")
     candidates = candidate_tasks(manifest, kind, k)
     if selection == "auto":
         selection = "disagreement" if (project.path("models/reward") / "config.json").exists() else "random"
@@ -184,7 +185,7 @@ def snapshot_labels(project: Project) -> dict:
     manifest = project.path(MANIFEST_OUT)
     if not manifest.exists():
         raise UserError(f"{manifest}: no generations to pair the labels with; run `dvc repro generate` first")
-    current = set(pd.read_parquet(manifest, columns=["generation_id"])["generation_id"])
+    current = set(read_parquet(manifest, "rebuild it with `dvc repro generate`", ["generation_id"])["generation_id"])
     report = snap.snapshot(project.state_dir, project.path(snap.LABELS_DIR), project.path(snap.REPORT_OUT), current)
     track(project, snap.LABELS_DIR)
     return report
@@ -195,11 +196,10 @@ RETRAINED_MARK = "retrained.json"
 
 def new_labels(project: Project) -> int:
     """Submitted annotations in the stores beyond those the last finished retrain used."""
-    import json
-
     annotations, _ = snap.load_stores(project.state_dir)
     mark = project.state_dir / RETRAINED_MARK
-    before = json.loads(mark.read_text())["annotations"] if mark.exists() else 0
+    before = read_json(mark, "delete it: the next retrain counts every stored label as new",
+                       ("annotations",))["annotations"] if mark.exists() else 0
     return max(0, len(annotations) - before)
 
 

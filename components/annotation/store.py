@@ -25,6 +25,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from components.files import read_json, read_parquet
+
+# A damaged bookkeeping file costs a re-read at worst: the store is keyed by annotation id.
+_REREAD = "delete it and sync again (a sync re-reads what it needs; nothing is doubled)"
 ANNOTATION_COLUMNS = ["annotation_id", "task_id", "project_id", "external_id", "generation_ids", "prompt",
                       "annotator", "choice", "critique", "status", "created_at", "updated_at"]
 REJECTED_COLUMNS = ["annotation_id", "task_id", "project_id", "reason", "updated_at"]
@@ -42,24 +46,24 @@ class AnnotationStore:
 
     def annotations(self) -> pd.DataFrame:
         if self.annotations_path.exists():
-            return pd.read_parquet(self.annotations_path)
+            return read_parquet(self.annotations_path, "restore it from a backup; it holds the stored labels")
         return pd.DataFrame(columns=ANNOTATION_COLUMNS)
 
     def rejected(self) -> pd.DataFrame:
         if self.rejected_path.exists():
-            return pd.read_parquet(self.rejected_path)
+            return read_parquet(self.rejected_path, _REREAD)
         return pd.DataFrame(columns=REJECTED_COLUMNS)
 
     def watermark(self) -> str | None:
         if not self.watermark_path.exists():
             return None
-        return json.loads(self.watermark_path.read_text())["updated_at"]
+        return read_json(self.watermark_path, _REREAD, ("updated_at",))["updated_at"]
 
     def task_ids(self) -> set[int] | None:
         """The project's task ids as of the last sync; None before the first."""
         if not self.tasks_path.exists():
             return None
-        return set(json.loads(self.tasks_path.read_text())["task_ids"])
+        return set(read_json(self.tasks_path, _REREAD, ("task_ids",))["task_ids"])
 
     def commit(self, rows: list[dict], rejected: list[dict], deleted_ids: list[int], watermark: str | None,
                task_ids: set[int] | None = None) -> dict:

@@ -28,7 +28,6 @@ serialise on a lock.
 
 from __future__ import annotations
 
-import json
 from datetime import datetime, timedelta, timezone
 from email.utils import parsedate_to_datetime
 import httpx
@@ -113,7 +112,8 @@ class _Reader:
             reject = {"annotation_id": a.id, "task_id": task.id, "project_id": self.ls_project_id,
                       "updated_at": updated}
             if not data.get("external_id") or not data.get("generation_ids"):
-                rejected.append({**reject, "reason": "task was not pushed by aligndiff (no external_id/generation_ids)"})
+                rejected.append({**reject,
+                                 "reason": "task was not pushed by aligndiff (no external_id/generation_ids)"})
                 continue
             row = {"annotation_id": a.id, "task_id": task.id, "project_id": self.ls_project_id,
                    "external_id": data["external_id"], "generation_ids": list(data["generation_ids"]),
