@@ -35,7 +35,7 @@ def sync(root: str, kind: str, full: bool = False) -> dict | None:
 
     try:
         return rounds.sync_round(Project.load(root), kind, 2, full=full)
-    except UserError:  # no Label Studio project of this kind yet: nothing to sync
+    except rounds.NoProjectYet:  # nothing to sync; an outage, by contrast, fails (and retries) the task
         return None
 
 

@@ -84,3 +84,20 @@ def test_push_without_generations_says_what_to_run(stack_project, tmp_path, caps
     root = sibling_project(stack_project, tmp_path / "empty")
     assert cli(["--project", str(root), "annotate", "push"]) == 1
     assert "run `dvc repro generate` first" in capsys.readouterr().err
+
+
+def test_the_sync_flow_fails_on_an_outage_but_skips_a_kind_never_pushed(stack_project, tmp_path):
+    """An unreachable Label Studio used to read as "no project yet", a successful sync of nothing."""
+    import httpx
+
+    from components import credentials
+    from components.project import Project
+    from flows.loop import sync
+    from tests.conftest import sibling_project, write_project
+
+    offline = Project.load(write_project(tmp_path / "offline"))
+    credentials.generate_missing(offline.env_file)
+    with pytest.raises(httpx.ConnectError):
+        sync.fn(str(offline.root), "pairwise")
+    never_pushed = sibling_project(stack_project, tmp_path / "fresh")
+    assert sync.fn(str(never_pushed), "pairwise") is None

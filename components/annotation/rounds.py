@@ -147,12 +147,16 @@ def write_summary(project: Project, action: str, kind: str, summary: dict) -> Pa
     return out
 
 
+class NoProjectYet(UserError):
+    """Nothing of this round kind was pushed to Label Studio yet (not an outage)."""
+
+
 def project_id_for(client, project: Project, kind: RoundKind, k: int) -> int:
     title = studio.project_title(project, kind, k)
     ids = [p.id for p in client.projects.list() if p.title == title]
     if ids:
         return min(ids)  # the one ensure_project fills
-    raise UserError(f"no Label Studio project {title!r} yet; run `aligndiff annotate push --kind {kind}` first")
+    raise NoProjectYet(f"no Label Studio project {title!r} yet; run `aligndiff annotate push --kind {kind}` first")
 
 
 def simulate_round(project: Project, kind: RoundKind, k: int, config: sim.AnnotatorConfig, on_progress=None) -> dict:
