@@ -23,6 +23,8 @@ def read_prompts(path: Path) -> list[str]:
         data = path.read_bytes()
     except FileNotFoundError:
         raise UserError(f"{path}: prompts file not found") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a folder; --prompts takes a text file, one prompt per line") from None
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -41,6 +43,8 @@ def run(project: Project, model: str, prompts_file: Path, n: int, seed: int, out
     if n < 1:
         raise UserError(f"--n must be at least 1, got {n}")
     prompts = read_prompts(prompts_file)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: is a file; --out takes a folder (new or empty)")
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out}: exists and is not empty; choose another --out")
     torch.set_num_threads(project.params.pretrain.threads)

@@ -6,7 +6,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from components.errors import UserError
+from components.errors import UserError, expected_failure
 from components.project import Project
 
 # Set by whoever runs the stages (the flows' `dvc repro` task): a file that collects
@@ -38,7 +38,9 @@ def run_stage(name: str, body: Callable[[Project], str]) -> int:
     """Run ``body`` on the project in the working directory.
 
     A :class:`UserError` becomes ``<stage>: error: <message>`` on stderr (one line per
-    problem) and the error's exit code; otherwise the body's summary is printed.
+    problem) and the error's exit code, and so does an expected failure of the outside
+    world (a service unreachable, a file that cannot be opened; exit code 1); otherwise
+    the body's summary is printed.
     """
     quiet_library_noise()
     try:
@@ -46,5 +48,11 @@ def run_stage(name: str, body: Callable[[Project], str]) -> int:
     except UserError as exc:
         report_errors([f"{name}: error: {line}" for line in str(exc).splitlines()])
         return exc.exit_code
+    except Exception as exc:
+        line = expected_failure(exc)
+        if line is None:
+            raise
+        report_errors([f"{name}: error: {line}"])
+        return 1
     print(f"{name}: {summary}")
     return 0

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from components.errors import UserError
+from components.errors import UserError, expected_failure
 
 
 def _project(args):
@@ -310,8 +310,15 @@ def cmd_run(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Argument errors in one line (argparse prints the whole usage first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="aligndiff",
         description="Align text-to-image diffusion models to human feedback.",
     )
@@ -387,28 +394,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _expected_failure(exc: Exception) -> str | None:
-    """One line for a service that cannot be reached or refuses us, or a file we cannot
-    use; None for anything else (a bug, which keeps its traceback)."""
-    import httpx
-
-    if isinstance(exc, httpx.TransportError):
-        try:
-            url = exc.request.url
-            where = f"{url.scheme}://{url.host}:{url.port}"
-        except RuntimeError:  # raised without its request
-            where = "a service"
-        return (f"cannot reach {where} ({type(exc).__name__}: {exc or 'no answer'}); is it running? "
-                "(`aligndiff status`)")
-    if type(exc).__module__.startswith("label_studio_sdk") and hasattr(exc, "status_code"):
-        hint = {401: "check LABEL_STUDIO_API_KEY in .env", 403: "check LABEL_STUDIO_API_KEY in .env",
-                404: "it may have been deleted in Label Studio"}.get(exc.status_code, "see its log")
-        return f"Label Studio answered HTTP {exc.status_code}: {str(getattr(exc, 'body', ''))[:160]}; {hint}"
-    if isinstance(exc, OSError) and exc.filename:
-        return f"{exc.filename}: {exc.strerror or exc}"
-    return None
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -418,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"aligndiff: error: {line}", file=sys.stderr)
         return exc.exit_code
     except Exception as exc:  # the expected failures of the outside world, one line each
-        line = _expected_failure(exc)
+        line = expected_failure(exc)
         if line is None:
             raise
         print(f"aligndiff: error: {line}", file=sys.stderr)

@@ -70,7 +70,7 @@ def gpu_slot(root: str, needed: bool | None = None):
 
 @task(name="dvc repro")
 def repro(root: str, targets: list[str] | None = None) -> list[str]:
-    from dvc.exceptions import DvcException
+    from dvc.exceptions import DvcException, ReproductionError
 
     with _dvc_repo(root) as repo, gpu_slot(root), tempfile.NamedTemporaryFile("r", suffix=".log") as errors:
         os.environ[ERRORS_ENV] = errors.name  # the stages write their one-line reasons here
@@ -78,7 +78,10 @@ def repro(root: str, targets: list[str] | None = None) -> list[str]:
             stages = repo.reproduce(targets=targets or None)
         except DvcException as exc:
             reasons = [line for line in errors.read().splitlines() if line.strip()]
-            raise UserError(f"{exc}: {'; '.join(reasons)}" if reasons else _one_line(exc)) from None
+            message = f"{exc}: {'; '.join(reasons)}" if reasons else _one_line(exc)
+            if isinstance(exc, ReproductionError):  # DVC clears a stage's outputs before running it
+                message += " (its previous outputs: `dvc checkout` restores them from the cache)"
+            raise UserError(message) from None
         finally:
             os.environ.pop(ERRORS_ENV, None)
     return [stage.addressing for stage in stages]

@@ -92,6 +92,11 @@ def test_reproduce_builds_every_stage_then_does_nothing(pipeline_project, prefec
     assert state.is_failed()
     assert "failed to reproduce 'curate': curate: error: " in state.message
     assert "extra.csv:1: no 'prompt' column (found: text)" in state.message
+    # DVC removed the stage's outputs before running it; the message says how to get them back
+    assert "`dvc checkout` restores them" in state.message
+    assert not (root / "data" / "prompts.parquet").exists()
+    run([sys.executable, "-m", "dvc", "checkout", "curate"], root)
+    assert (root / "data" / "prompts.parquet").exists()
 
 
 @pytest.mark.slow
