@@ -14,10 +14,10 @@ pipeline or a LoRA adapter with ``candidate.json`` naming the model it applies t
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 from components.errors import UserError
+from components.files import read_json
 from components.project import Project
 
 BASE_DIR = Path("models/base")
@@ -30,10 +30,12 @@ def resolve(project: Project, name: str = "base") -> Path | str:
     """A local model directory, or ``repo_id@revision`` for a pinned hub checkpoint."""
     if name == "production":
         pointer = project.path(PRODUCTION_POINTER)
-        name = json.loads(pointer.read_text())["model"] if pointer.exists() else "base"
+        name = read_json(pointer, "restore it from git (`git checkout -- models/`)", ("model",))["model"] \
+            if pointer.exists() else "base"
     if name.startswith(TAG_PREFIX):
         registry = project.path(REGISTRY)
-        versions = json.loads(registry.read_text())["versions"] if registry.exists() else []
+        versions = read_json(registry, "restore it from git (`git checkout -- models/`)",
+                             ("versions",))["versions"] if registry.exists() else []
         match = [v for v in versions if v["tag"] == name]
         if not match:
             known = ", ".join(v["tag"] for v in versions) or "none yet"
@@ -72,14 +74,15 @@ def load_pipeline(where: Path | str, dtype=None):
                             "download it once on a connected machine or set models.<profile>.path") from None
     candidate = where / "candidate.json"
     if not (where / "model_index.json").exists() and candidate.exists():
-        base = json.loads(candidate.read_text())["base"]
+        base = read_json(candidate, "rebuild the candidate with `dvc repro finetune`", ("base",))["base"]
         base_path = base if "@" in base else (where / base).resolve()
         pipe = load_pipeline(base_path, dtype)
         pipe.load_lora_weights(where)
         pipe.fuse_lora()
         pipe.unload_lora_weights()
         return pipe
-    index = json.loads((where / "model_index.json").read_text())
+    index = read_json(where / "model_index.json", "the model folder is damaged: rebuild it (`dvc repro`) "
+                      "or point at another model")
     if index.get("_class_name") == "WorldPipeline":
         from components.world.model import WorldPipeline
 

@@ -45,3 +45,17 @@ def test_damaged_sync_bookkeeping_says_it_is_safe_to_delete(tmp_path, name):
     read = store.watermark if name == "watermark.json" else store.task_ids
     with pytest.raises(UserError, match=rf"{name}: not valid JSON .*delete it and sync again"):
         read()
+
+
+def test_a_damaged_model_index_is_one_line_naming_it(tmp_path, capsys):
+    root = write_project(tmp_path / "p")
+    model = root / "my-model"
+    model.mkdir()
+    (model / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline",')
+    (root / "prompts.txt").write_text("a red car\n")
+    code = cli(["--project", str(root), "sample", "--model", "my-model", "--prompts", str(root / "prompts.txt"),
+                "--out", str(root / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1, err
+    assert err[0].startswith(f"aligndiff: error: {model / 'model_index.json'}: not valid JSON")
+    assert not (root / "out").exists()
