@@ -29,7 +29,8 @@ def simulate(root: str, kind: str, flip_rate: float) -> dict:
     return rounds.simulate_round(Project.load(root), kind, 2, AnnotatorConfig(flip_rate=flip_rate))
 
 
-@task(name="sync", retries=3, retry_delay_seconds=[5, 30, 120])
+# One retry: the next scheduled sync comes within minutes, and a sync re-reads what it missed.
+@task(name="sync", retries=1, retry_delay_seconds=30)
 def sync(root: str, kind: str, full: bool = False) -> dict | None:
     from components.annotation import rounds
 

@@ -75,7 +75,8 @@ def test_an_unreachable_label_studio_is_one_line_naming_it(tmp_path, capsys, act
     assert cli(["--project", str(project.root), "annotate", action, "--kind", "pairwise"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
-    assert err[0].startswith(f"aligndiff: error: cannot reach {project.label_studio_url} (ConnectError")
+    assert err[0] == (f"aligndiff: error: Label Studio at {project.label_studio_url} is unreachable (ConnectError); "
+                      "is it running? (`aligndiff status`)")
 
 
 def test_push_without_generations_says_what_to_run(stack_project, tmp_path, capsys):
@@ -88,16 +89,15 @@ def test_push_without_generations_says_what_to_run(stack_project, tmp_path, caps
 
 def test_the_sync_flow_fails_on_an_outage_but_skips_a_kind_never_pushed(stack_project, tmp_path):
     """An unreachable Label Studio used to read as "no project yet", a successful sync of nothing."""
-    import httpx
-
     from components import credentials
+    from components.errors import ServiceError
     from components.project import Project
     from flows.loop import sync
     from tests.conftest import sibling_project, write_project
 
     offline = Project.load(write_project(tmp_path / "offline"))
     credentials.generate_missing(offline.env_file)
-    with pytest.raises(httpx.ConnectError):
+    with pytest.raises(ServiceError, match="is unreachable"):
         sync.fn(str(offline.root), "pairwise")
     never_pushed = sibling_project(stack_project, tmp_path / "fresh")
     assert sync.fn(str(never_pushed), "pairwise") is None

@@ -9,6 +9,7 @@ D3PO needs; best-of-k groups k images of one prompt; binary tasks are single ima
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from components.annotation import snapshot as snap
 from components.annotation import studio
 from components.annotation.labeling import RoundKind
 from components.annotation.sync import sync
-from components.errors import UserError
+from components.errors import ServiceError, UserError
 from components.files import read_json, read_parquet
 from components.generate import MANIFEST_OUT
 from components.project import Project
@@ -103,6 +104,21 @@ def ensemble_disagreement(project: Project, manifest: pd.DataFrame, specs: list[
     return disagreement(specs, dict(zip(ids, rewards)))
 
 
+def _needs_label_studio(round_step):
+    """An outage is one line (a ServiceError), not an HTTP client's traceback."""
+    import httpx
+
+    @functools.wraps(round_step)
+    def step(project: Project, *args, **kwargs):
+        try:
+            return round_step(project, *args, **kwargs)
+        except httpx.TransportError as exc:
+            raise ServiceError(f"Label Studio at {project.label_studio_url} is unreachable ({type(exc).__name__}); "
+                               "is it running? (`aligndiff status`)") from None
+    return step
+
+
+@_needs_label_studio
 def push_round(project: Project, kind: RoundKind, k: int, limit: int | None, seed: int, on_progress=None,
                selection: str = "auto") -> dict:
     manifest_path = project.path(MANIFEST_OUT)
@@ -159,12 +175,14 @@ def project_id_for(client, project: Project, kind: RoundKind, k: int) -> int:
     raise NoProjectYet(f"no Label Studio project {title!r} yet; run `aligndiff annotate push --kind {kind}` first")
 
 
+@_needs_label_studio
 def simulate_round(project: Project, kind: RoundKind, k: int, config: sim.AnnotatorConfig, on_progress=None) -> dict:
     client = studio.client_for(project)
     return sim.simulate(project, project_id_for(client, project, kind, k), kind, config, k, client=client,
                         on_progress=on_progress)
 
 
+@_needs_label_studio
 def sync_round(project: Project, kind: RoundKind, k: int, on_progress=None, full: bool = False) -> dict:
     """Sync (incremental, or ``full`` and verified), recorded with agreement, per-annotator
     counts and rejected results."""
