@@ -19,6 +19,17 @@ def headline_metrics(root: Path) -> dict[str, dict]:
             values = metrics.get(split, {})
             out[label] = {k: f"{v:.1%}" for k, v in values.items() if k != "images"} | {
                 "images": values.get("images")}
+    evaluation = root / "reports" / "evaluation.json"
+    if evaluation.exists():  # candidate against production, when a retrain evaluated one
+        metrics = json.loads(evaluation.read_text())
+        row = {"learned-reward win rate": metrics.get("reward", {}).get("win_rate"),
+               "diversity drop": metrics.get("diversity", {}).get("drop"),
+               "near-copy rate": metrics.get("memorization", {}).get("near_copy_rate")}
+        judge = metrics.get("judge", {})
+        if judge:
+            row |= {"judge aligned, production": f"{judge['production']['all']['aligned']:.1%}",
+                    "judge aligned, candidate": f"{judge['candidate']['all']['aligned']:.1%}"}
+        out["candidate vs production"] = {k: v for k, v in row.items() if v is not None}
     return out
 
 

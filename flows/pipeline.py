@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
 import tempfile
+import time
 from contextlib import chdir, contextmanager
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task, unmapped
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
+                               update_progress_artifact)
 
 from components.dvc_remote import dvc_env
 from components.errors import UserError
@@ -19,7 +22,7 @@ from components.locking import file_lock
 from components.project import Project
 from components.reports import headline_metrics, inline_images
 from components.stage import ERRORS_ENV
-from components.stage_graph import runnable_stages
+from components.stage_graph import runnable_stages, stage_dependencies, stage_order
 
 
 @contextmanager
@@ -32,6 +35,9 @@ def _dvc_repo(root: str):
 
     project = Project.load(root)
     os.environ.update(dvc_env(project))
+    # DVC's INFO lines ("To track the changes with git, run: …") repeat after every stage, once
+    # plain and once through Prefect's log; each stage task logs its own start and finish instead.
+    logging.getLogger("dvc").setLevel(logging.WARNING)
     logger = get_run_logger()
     lock = file_lock(project.state_dir / "locks" / "dvc-repo.lock",
                      on_wait=lambda: logger.info("another run holds the DVC repo; waiting"))
@@ -68,14 +74,19 @@ def gpu_slot(root: str, needed: bool | None = None):
         yield
 
 
-@task(name="dvc repro")
-def repro(root: str, targets: list[str] | None = None) -> list[str]:
+@task
+def dvc_stage(root: str, stage: str) -> bool:
+    """One stage of dvc.yaml (`dvc repro --single-item`) under the repo lock; True if it ran.
+    A failing stage fails this task with the stage's own one-line reason."""
     from dvc.exceptions import DvcException, ReproductionError
 
+    logger = get_run_logger()
     with _dvc_repo(root) as repo, gpu_slot(root), tempfile.NamedTemporaryFile("r", suffix=".log") as errors:
-        os.environ[ERRORS_ENV] = errors.name  # the stages write their one-line reasons here
+        os.environ[ERRORS_ENV] = errors.name  # the stage writes its one-line reasons here
+        started = time.monotonic()
+        logger.info(f"{stage}: started")
         try:
-            stages = repo.reproduce(targets=targets or None)
+            ran = repo.reproduce(stage, single_item=True)
         except DvcException as exc:
             reasons = [line for line in errors.read().splitlines() if line.strip()]
             message = f"{exc}: {'; '.join(reasons)}" if reasons else _one_line(exc)
@@ -84,7 +95,27 @@ def repro(root: str, targets: list[str] | None = None) -> list[str]:
             raise UserError(message) from None
         finally:
             os.environ.pop(ERRORS_ENV, None)
-    return [stage.addressing for stage in stages]
+    logger.info(f"{stage}: done in {time.monotonic() - started:.1f} s" if ran else f"{stage}: skipped, up to date")
+    return bool(ran)
+
+
+def repro(root: str, targets: list[str] | None = None) -> list[str]:
+    """`dvc repro` of ``targets`` (every stage if None), each stage its own task named after
+    it and waiting for the stages it reads from, so the run's graph in the UI is the stage
+    graph; returns the stages that ran. The first failing stage raises its reason."""
+    graph = stage_dependencies(Path(root))
+    order = stage_order(Path(root), targets)
+    progress = create_progress_artifact(0.0, key="dvc-stages", description=f"stages done of {len(order)}")
+    futures: dict = {}
+    for stage in order:
+        futures[stage] = dvc_stage.with_options(name=stage, task_run_name=stage).submit(
+            root, stage, wait_for=[futures[up] for up in graph[stage] if up in futures])
+    ran = []
+    for done, stage in enumerate(order, start=1):
+        if futures[stage].result():
+            ran.append(stage)
+        update_progress_artifact(progress, 100.0 * done / len(order))
+    return ran
 
 
 def _one_line(exc: BaseException) -> str:
@@ -134,7 +165,16 @@ def reproduce(root: str = ".", targets: list[str] | None = None, push_outputs: b
         lines += [f"| {k} | {v} |" for k, v in values.items()]
     create_markdown_artifact(key="reproduce-summary", markdown="\n".join(lines),
                              description="What this reproduce run rebuilt, pushed and measured")
+    metrics_table(metrics)
     return {"stages_run": stages_run, "skipped": skipped, "pushed": pushed, "metrics": metrics}
+
+
+def metrics_table(metrics: dict[str, dict]) -> None:
+    """The headline numbers as a table artifact on the run (sortable in the UI)."""
+    if metrics:
+        create_table_artifact(key="metrics", description="Headline metrics of this run",
+                              table=[{"report": name, "metric": k, "value": v}
+                                     for name, values in metrics.items() for k, v in values.items()])
 
 
 # ---- sharded generation -------------------------------------------------------------
@@ -248,6 +288,7 @@ def retrain(root: str = ".", force: bool = False, push_outputs: bool = True) -> 
     promoted = promote(root, commit) if promotable else None
     pushed = push(root) if push_outputs else 0
     rounds.mark_retrained(project, labels["annotations"] + labels["stale"])
+    metrics_table(headline_metrics(Path(root)))
     create_markdown_artifact(key="retrain-report", markdown=retrain_report(root, labels, decision, promoted),
                              description="Evaluation, gate decision and promotion of this retrain run")
     return {"ran": True, "new_labels": new, "labels": labels, "stages_run": stages_run, "gate": decision,

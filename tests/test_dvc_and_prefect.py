@@ -66,18 +66,33 @@ def test_reproduce_flow_runs_stages_pushes_and_is_readable_through_the_api(tiny_
     assert summary["stages_run"] == ["hello"] and summary["pushed"] >= 1
     assert (tiny_pipeline / "hello.txt").read_text() == "hello from dvc"
 
-    async def read_back():
+    def read_back(flow_run_id):
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all()  # the run's logs are sent in batches
+        return asyncio.run(_read_back(flow_run_id))
+
+    async def _read_back(flow_run_id):
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+
         async with get_client() as client:
-            run_ = await client.read_flow_run(state.state_details.flow_run_id)
+            run_ = await client.read_flow_run(flow_run_id)
             flow = await client.read_flow(run_.flow_id)
             artifacts = await client.read_artifacts()
-            return run_, flow, artifacts
+            tasks = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_.id])))
+            logs = await client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_.id])))
+            return run_, flow, artifacts, tasks, [entry.message for entry in logs]
 
-    flow_run, flow, artifacts = asyncio.run(read_back())
+    flow_run, flow, artifacts, tasks, _ = read_back(state.state_details.flow_run_id)
     assert flow.name == "reproduce"
     assert flow_run.state.is_completed()
+    # each DVC stage is a task run of its own, named after the stage
+    assert [t.name for t in tasks if not t.name.startswith(("dvc push", "read metrics"))] == ["hello"]
     summaries = [a for a in artifacts if a.key == "reproduce-summary" and a.flow_run_id == flow_run.id]
     assert summaries and "hello" in summaries[0].data
 
-    second = reproduce(root=str(tiny_pipeline))
-    assert second["stages_run"] == []  # nothing changed: nothing rebuilt
+    second = reproduce(root=str(tiny_pipeline), return_state=True)
+    assert second.result()["stages_run"] == []  # nothing changed: nothing rebuilt
+    *_, logs = read_back(second.state_details.flow_run_id)
+    assert "hello: skipped, up to date" in logs
+    assert not any("To track the changes with git" in line for line in logs)  # DVC's hints stay out

@@ -169,9 +169,22 @@ def test_label_studio_round_then_retrain_promotes_a_tagged_model(stack_project, 
     params["validate"]["min_labels"] = 50
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
-    result = retrain(root=str(root))
+    state = retrain(root=str(root), return_state=True)
+    result = state.result()
     assert result["ran"] and result["gate"]["passed"], result["gate"]
     assert {"validate", "train_reward", "finetune", "evaluate", "gate"} <= set(result["stages_run"])
+    # the Prefect UI shows each DVC stage as a task run of its own, named after it
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    async def task_names():
+        async with get_client() as client:
+            return [t.name for t in await client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))]
+
+    assert {"validate", "train_reward", "finetune", "evaluate", "gate"} <= set(asyncio.run(task_names()))
     assert result["promoted"]["tag"] == "policy@v1" and result["commit"]
     tags = run(["git", "tag"], root).stdout.split()
     assert tags == ["policy@v1"]
