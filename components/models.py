@@ -59,10 +59,20 @@ def is_model_dir(path: Path) -> bool:
     return (path / "model_index.json").exists() or (path / "candidate.json").exists()
 
 
+def _not_the_text_encoder_lora_note(record) -> bool:
+    """Our adapters train the UNet only: that the text encoder has no LoRA keys is expected."""
+    return "No LoRA keys associated to" not in record.getMessage()
+
+
 def load_pipeline(where: Path | str, dtype=None):
+    import logging
+
     import torch
     from diffusers import DiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
 
+    diffusers_logging.disable_progress_bar()  # "Loading pipeline components…" on every load says nothing
+    logging.getLogger("diffusers.loaders.lora_base").addFilter(_not_the_text_encoder_lora_note)  # added once
     dtype = dtype or torch.float32
     if isinstance(where, str):
         repo_id, revision = where.split("@", 1)

@@ -50,11 +50,13 @@ def capture_flow_run_report(api_url: str, auth: str, flow_name: str, artifact_ke
         browser = p.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(f"{ui_url}/runs/flow-run/{run['id']}")
-            login = page.locator("input").first
+            page.goto(f"{ui_url}/")  # the home page sends a new visitor to the login form
+            login = page.get_by_placeholder("admin:pass")
             login.wait_for(timeout=60_000)
             login.fill(auth)
             login.press("Enter")
+            login.wait_for(state="detached", timeout=30_000)
+            page.goto(f"{ui_url}/runs/flow-run/{run['id']}")
             page.get_by_text(run["name"]).first.wait_for(timeout=60_000)
             page.get_by_text("Completed").first.wait_for(timeout=30_000)
             page.get_by_text("Artifacts", exact=True).click()

@@ -101,3 +101,15 @@ def test_the_sync_flow_fails_on_an_outage_but_skips_a_kind_never_pushed(stack_pr
         sync.fn(str(offline.root), "pairwise")
     never_pushed = sibling_project(stack_project, tmp_path / "fresh")
     assert sync.fn(str(never_pushed), "pairwise") is None
+
+
+def test_a_wrong_label_studio_api_key_is_one_line_saying_what_to_check(stack_project, tmp_path, capsys):
+    from components import credentials
+    from tests.conftest import sibling_project
+
+    root = sibling_project(stack_project, tmp_path / "wrong-key")
+    credentials.set_values(root / ".env", {credentials.LS_API_KEY: "0" * 40})
+    assert cli(["--project", str(root), "annotate", "sync", "--kind", "pairwise"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("aligndiff: error: Label Studio answered HTTP 401"), err
+    assert err[0].endswith("check LABEL_STUDIO_API_KEY in .env") and "0" * 40 not in err[0]
