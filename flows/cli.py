@@ -71,6 +71,7 @@ def cmd_retrain(args) -> int:
     _use_embedded_prefect(project)
     from flows.pipeline import retrain
 
+    print(f"full log: {_log_to_file(project, 'retrain')}", file=sys.stderr, flush=True)
     result = retrain(root=str(project.root), force=args.force)
     if not result["ran"]:
         return 0
@@ -251,26 +252,61 @@ def cmd_annotate(args) -> int:
     return 0
 
 
+def _clock(seconds: float) -> str:
+    minutes, seconds = divmod(round(seconds), 60)
+    return f"{minutes}:{seconds:02d}"
+
+
+def _log_to_file(project, name: str) -> Path:
+    """Every Prefect flow and task log line of this process, also in <state>/logs/NAME-TIME.log."""
+    import logging
+
+    path = project.state_dir / "logs" / f"{name}-{time.strftime('%Y%m%dT%H%M%S')}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))  # owner-only from the start
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    logging.getLogger("prefect").addHandler(handler)
+    return path
+
+
 def cmd_demo(args) -> int:
     """The whole loop on embedded defaults: base model, a labelled round, retrain, promotion."""
     from infra.stack import Stack
 
     project = _project(args)
-    Stack(project).up()
+    first_run = not (project.path("models/base") / "model_index.json").exists()
+    # measured on 2 cores (docs/performance.md)
+    print("demo: about " + ("35 min: this first run pre-trains the base model (≈ 21 min)" if first_run
+                            else "5–13 min: the base model is built; a round of labels and a retrain"), flush=True)
+    phases: dict[str, float] = {}
+
+    def timed(name: str, step, *args, **kwargs):
+        started = time.monotonic()
+        result = step(*args, **kwargs)
+        phases[name] = time.monotonic() - started
+        return result
+
+    timed("services", Stack(project).up)
     _use_embedded_prefect(project)
     from components.annotation.snapshot import LABELS_DIR
     from components.stage_graph import runnable_stages
     from flows.loop import annotation_round, sync_annotations
     from flows.pipeline import reproduce, retrain
 
+    log_path = _log_to_file(project, "demo")  # after Prefect configured its loggers, which drops handlers
+
     # The stages before the labels: the retrain below rebuilds the rest from a fresh snapshot
     # (the committed one may label images of an earlier base model).
     before_labels, _ = runnable_stages(project.root, unavailable=frozenset({str(LABELS_DIR)}))
-    summary = reproduce(root=str(project.root), targets=before_labels)
-    annotation_round(root=str(project.root), simulated=True)
-    sync_annotations(root=str(project.root))
-    result = retrain(root=str(project.root))
+    root = str(project.root)
+    summary = timed("reproduce", reproduce, root=root, targets=before_labels)
+    timed("annotation round", annotation_round, root=root, simulated=True)
+    timed("sync", sync_annotations, root=root)
+    result = timed("retrain", retrain, root=root)
     print()
+    print("phases:           " + ", ".join(f"{name} {_clock(seconds)}" for name, seconds in phases.items()))
+    print(f"full log:         {log_path}")
     print(f"Prefect UI:       {project.prefect_ui_url}")
     print(f"Label Studio:     {project.label_studio_url}")
     print(f"stages run:       {', '.join(summary['stages_run'] + result.get('stages_run', [])) or 'none (all up to date)'}")
@@ -305,7 +341,9 @@ def cmd_run(args) -> int:
     project = _project(args)
     _use_embedded_prefect(project)
     module, name = FLOWS[args.flow]
-    result = getattr(importlib.import_module(module), name)(root=str(project.root))
+    run_flow = getattr(importlib.import_module(module), name)
+    print(f"full log: {_log_to_file(project, args.flow)}", file=sys.stderr, flush=True)
+    result = run_flow(root=str(project.root))
     print(json.dumps(result, indent=2, default=str))
     return 0
 

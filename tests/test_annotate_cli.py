@@ -113,3 +113,25 @@ def test_a_wrong_label_studio_api_key_is_one_line_saying_what_to_check(stack_pro
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("aligndiff: error: Label Studio answered HTTP 401"), err
     assert err[0].endswith("check LABEL_STUDIO_API_KEY in .env") and "0" * 40 not in err[0]
+
+
+def test_a_flow_run_from_the_cli_keeps_its_full_log_in_the_state_dir(stack_project, tmp_path):
+    import json
+    import os
+    import stat
+    import subprocess
+    import sys
+
+    from components.project import Project
+    from tests.conftest import sibling_project
+
+    root = sibling_project(stack_project, tmp_path / "logged")
+    result = subprocess.run([sys.executable, "-m", "flows.cli", "--project", str(root), "run", "sync_annotations"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"binary": None, "pairwise": None}  # stdout stays JSON
+    logs = list((Project.load(root).state_dir / "logs").glob("sync_annotations-*.log"))
+    assert len(logs) == 1 and f"full log: {logs[0]}" in result.stderr
+    text = logs[0].read_text()
+    assert "pairwise: no project yet" in text and "Finished in state Completed" in text
+    assert stat.S_IMODE(os.stat(logs[0]).st_mode) == 0o600
