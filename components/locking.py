@@ -19,7 +19,7 @@ def file_lock(path: str | Path, on_wait=None) -> Iterator[float]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     t0 = time.monotonic()
     try:
         try:

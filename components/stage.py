@@ -23,15 +23,17 @@ def report_errors(lines: list[str]) -> None:
 
 
 def quiet_library_noise() -> None:
-    """Drop two messages every Lightning run printed that say nothing about the run: an
-    advert for a cloud logger, and a torch deprecation inside Lightning's own code."""
+    """Drop messages every Lightning run printed that say nothing about the run: an advert
+    for a cloud logger, its accelerator inventory, and a torch deprecation inside
+    Lightning's own code."""
     import logging
     import warnings
 
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                             category=FutureWarning)
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
-        lambda record: not record.getMessage().startswith("💡 Tip"))
+        lambda record: not record.getMessage().startswith(("💡 Tip", "GPU available: ", "TPU available: ",
+                                                             "HPU available: ")))
 
 
 def run_stage(name: str, body: Callable[[Project], str]) -> int:

@@ -40,7 +40,7 @@ def _dvc_repo(root: str):
     logging.getLogger("dvc").setLevel(logging.WARNING)
     logger = get_run_logger()
     lock = file_lock(project.state_dir / "locks" / "dvc-repo.lock",
-                     on_wait=lambda: logger.info("another run holds the DVC repo; waiting"))
+                     on_wait=lambda: logger.info("waiting for the DVC repo (another stage or run holds it)"))
     with lock, chdir(root), Repo(root) as repo:
         yield repo
 
