@@ -25,10 +25,14 @@ def _project(args):
 
 def _use_embedded_prefect(project) -> None:
     """Flows run in this process report to the project's Prefect server."""
+    from components import credentials
+
     os.environ["PREFECT_API_URL"] = project.prefect_api_url
-    auth = project.credentials.prefect_auth
+    # only this one credential: commands that talk to Prefect alone need no other
+    auth = os.environ.get(credentials.PREFECT_AUTH) or credentials.read_env_file(project.env_file).get(
+        credentials.PREFECT_AUTH)
     if auth:  # inherited by the workers and flow-run processes this one starts
-        os.environ["PREFECT_API_AUTH_STRING"] = auth
+        os.environ[credentials.PREFECT_AUTH] = auth
     os.environ.setdefault("PREFECT_HOME", str(project.state_dir / "prefect"))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
