@@ -24,13 +24,15 @@ def report_errors(lines: list[str]) -> None:
 
 def quiet_library_noise() -> None:
     """Drop messages every Lightning run printed that say nothing about the run: an advert
-    for a cloud logger, its accelerator inventory, and a torch deprecation inside
-    Lightning's own code."""
+    for a cloud logger, its accelerator inventory, its note on modules in eval mode, and a
+    torch deprecation inside Lightning's own code."""
     import logging
     import warnings
 
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                             category=FutureWarning)
+    # frozen encoders and reference models are in eval mode on purpose
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
         lambda record: not record.getMessage().startswith(("💡 Tip", "GPU available: ", "TPU available: ",
                                                              "HPU available: ")))

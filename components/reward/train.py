@@ -184,7 +184,7 @@ def train_reward(params: Params, root: Path, store) -> dict:
     if cfg.kind == "lee":
         index = np.array([position[g] for g in train_rows["generation_id"]])
         labels = torch.zeros(len(ids))
-        labels[index] = torch.from_numpy(train_rows["label"].to_numpy())
+        labels[index] = torch.from_numpy(train_rows["label"].to_numpy(copy=True))  # pandas hands out read-only arrays
         module = RewardModule(scorer, cfg, params.seed, images, prompts, labels=labels)
         samples = index
     else:
