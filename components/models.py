@@ -71,7 +71,11 @@ def load_pipeline(where: Path | str, dtype=None):
     from diffusers import DiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
 
-    diffusers_logging.disable_progress_bar()  # "Loading pipeline components…" on every load says nothing
+    from transformers.utils import logging as transformers_logging
+
+    # "Loading pipeline components…" and "Loading weights" bars on every load say nothing
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
     logging.getLogger("diffusers.loaders.lora_base").addFilter(_not_the_text_encoder_lora_note)  # added once
     dtype = dtype or torch.float32
     if isinstance(where, str):
