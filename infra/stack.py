@@ -376,7 +376,7 @@ class Stack:
         venv.parent.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / "label-studio-install.log"
         with console.status(f"installing Label Studio into {venv} (first time only, ~2 min; log: {log_path})"), \
-                open(log_path, "wb") as log:
+                open(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as log:
             for cmd in ([sys.executable, "-m", "venv", str(venv)],
                         [str(venv / "bin" / "pip"), "install", "--disable-pip-version-check", "-q",
                          "-r", str(LABEL_STUDIO_REQUIREMENTS)]):
