@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from components.errors import UserError
+from components.files import read_parquet
 
 GENERATIONS = Path("data/generations.parquet")
 TASKS = Path("data/labels/tasks.parquet")
@@ -31,10 +32,7 @@ def read_table(root: Path, relative: Path, columns: list[str], hint: str) -> pd.
     path = root / relative
     if not path.exists():
         raise UserError(f"{relative}: not found; {hint}")
-    try:
-        frame = pd.read_parquet(path)
-    except Exception as exc:  # pyarrow raises several unrelated types for a damaged file
-        raise UserError(f"{relative}: not a readable Parquet file ({exc})") from None
+    frame = read_parquet(path, hint)
     missing = [c for c in columns if c not in frame.columns]
     if missing:
         raise UserError(f"{relative}: missing columns {missing}; expected at least {columns}")
