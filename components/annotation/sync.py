@@ -178,10 +178,9 @@ def _sync_locked(client, store: AnnotationStore, ls_project_id: int, kind: Round
         task_rows, task_rejected = reader.rows(task, annotations)
         rows += task_rows
         rejected += task_rejected
-    # Gone: annotations of a task that was read without them, or of a task that no longer exists.
+    # Gone: annotations of a task that was read without them, or of a task that no longer exists
+    # (with full, every live task was read, so this covers every stored annotation).
     vanished = known["task_id"].isin(read_tasks) | ~known["task_id"].isin(live_tasks)
-    if full:
-        vanished = known["task_id"].notna()
     deleted = [int(i) for i in known.loc[vanished, "annotation_id"] if int(i) not in present]
     new_watermark = _iso(started - OVERLAP) if started else watermark
     counts = store.commit(rows, rejected, deleted, new_watermark, live_tasks)
