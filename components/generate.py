@@ -90,8 +90,8 @@ def trajectory_bytes(traj: Trajectories, i: int, metadata: dict[str, str]) -> by
         "latents": traj.latents[i].contiguous(),
         "timesteps": traj.timesteps.contiguous(),
         "log_probs": traj.log_probs[i].contiguous(),
-        "prompt_embeds": traj.prompt_embeds[i].contiguous(),
-        "negative_embeds": traj.negative_embeds[i].contiguous(),
+        **traj.cond[i].tensors("prompt"),
+        **traj.uncond[i].tensors("negative"),
     }
     return save(tensors, metadata={"aligndiff": json.dumps(metadata, sort_keys=True)})
 

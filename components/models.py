@@ -81,11 +81,14 @@ def load_pipeline(where: Path | str, dtype=None):
     if isinstance(where, str):
         repo_id, revision = where.split("@", 1)
         try:
-            return DiffusionPipeline.from_pretrained(repo_id, revision=revision, local_files_only=True,
-                                                     dtype=dtype, safety_checker=None)
+            index = DiffusionPipeline.load_config(repo_id, revision=revision, local_files_only=True)
+            pipe = DiffusionPipeline.from_pretrained(repo_id, revision=revision, local_files_only=True, dtype=dtype,
+                                                     **_no_safety_checker(index))
         except OSError as exc:
             raise UserError(f"{repo_id}@{revision} is not in the local Hugging Face cache ({exc}); "
                             "download it once on a connected machine or set models.<profile>.path") from None
+        check_components(pipe, where)
+        return pipe
     candidate = where / "candidate.json"
     if not (where / "model_index.json").exists() and candidate.exists():
         base = read_json(candidate, "rebuild the candidate with `dvc repro finetune`", ("base",))["base"]
@@ -97,12 +100,53 @@ def load_pipeline(where: Path | str, dtype=None):
         return pipe
     index = read_json(where / "model_index.json", "the model folder is damaged: rebuild it (`dvc repro`) "
                       "or point at another model")
-    if index.get("_class_name") == "WorldPipeline":
-        from components.world.model import WorldPipeline
+    for name, spec in index.items():  # [library, class] per component; [null, null] = left out
+        if not name.startswith("_") and isinstance(spec, list) and spec[0] and not (where / name).is_dir():
+            raise UserError(f"{where}: the pipeline's {name} ({spec[1]}) is missing: expected the folder "
+                            f"{where / name}")
+    try:
+        if index.get("_class_name") == "WorldPipeline":
+            from components.world.model import WorldPipeline
 
-        return WorldPipeline.from_pretrained(where, local_files_only=True, dtype=dtype)
-    return DiffusionPipeline.from_pretrained(where, local_files_only=True, dtype=dtype, safety_checker=None,
-                                             requires_safety_checker=False)
+            return WorldPipeline.from_pretrained(where, local_files_only=True, dtype=dtype)
+        pipe = DiffusionPipeline.from_pretrained(where, local_files_only=True, dtype=dtype, **_no_safety_checker(index))
+    except (OSError, ValueError, RuntimeError) as exc:  # safetensors' errors are OSError or RuntimeError kinds
+        raise UserError(f"{where}: cannot load the pipeline ({_first_line(exc)}); rebuild it or point at "
+                        "another model") from None
+    check_components(pipe, where)
+    return pipe
+
+
+def _no_safety_checker(index: dict) -> dict:
+    """SD1.5 checkpoints carry a safety checker we never run; SDXL's pipeline has none to refuse."""
+    return {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in index else {}
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def check_components(pipe, where: Path | str) -> None:
+    """Components that load but do not fit together (from different checkpoints) fail here,
+    in one line, instead of as a shape error inside the first UNet call."""
+    unet = pipe.unet.config
+    parts = [("text_encoder", getattr(pipe, "text_encoder", None)), ("text_encoder_2", getattr(pipe, "text_encoder_2", None))]
+    encoders = [(name, enc) for name, enc in parts if enc is not None]
+    width = sum(enc.config.hidden_size for _, enc in encoders)
+    if unet.cross_attention_dim != width:
+        names = " + ".join(f"{name} ({enc.config.hidden_size})" for name, enc in encoders)
+        raise UserError(f"{where}: unet attends to {unet.cross_attention_dim}-wide text states, but {names} "
+                        f"give {width}: the components come from different models")
+    vae = getattr(pipe, "vae", None)
+    if vae is not None and vae.config.latent_channels != unet.in_channels:
+        raise UserError(f"{where}: unet takes {unet.in_channels} latent channels, but vae makes "
+                        f"{vae.config.latent_channels}: the components come from different models")
+    if unet.addition_embed_type == "text_time":
+        pooled = pipe.text_encoder_2.config.projection_dim
+        expected = pipe.unet.add_embedding.linear_1.in_features - 6 * unet.addition_time_embed_dim
+        if pooled != expected:
+            raise UserError(f"{where}: unet expects {expected}-wide pooled text embeddings, but text_encoder_2 "
+                            f"projects to {pooled}: the components come from different models")
 
 
 def on_accelerator(pipe, dtype: str = "float32"):

@@ -39,12 +39,64 @@ class SamplerConfig:
 
 
 @dataclass
+class Conditioning:
+    """What the UNet is conditioned on, one row per sample: the text encoder's hidden
+    states and, for SDXL, the pooled text embedding and the size/crop ``time_ids``
+    (the UNet's ``added_cond_kwargs``). Indexes, concatenates and moves as one tensor."""
+    embeds: torch.Tensor  # (B, L, D)
+    pooled: torch.Tensor | None = None  # (B, P)
+    time_ids: torch.Tensor | None = None  # (B, 6)
+
+    FIELDS = ("embeds", "pooled", "time_ids")
+
+    def _map(self, fn) -> Conditioning:
+        return Conditioning(*(None if (v := getattr(self, f)) is None else fn(v) for f in self.FIELDS))
+
+    def __len__(self) -> int:
+        return len(self.embeds)
+
+    def __getitem__(self, index) -> Conditioning:
+        return self._map(lambda v: v[index])
+
+    def to(self, device=None, dtype=None) -> Conditioning:
+        return self._map(lambda v: v.to(device=device, dtype=dtype))
+
+    def repeat(self, n: int) -> Conditioning:
+        return Conditioning.cat([self] * n)
+
+    @staticmethod
+    def cat(parts: list[Conditioning]) -> Conditioning:
+        return Conditioning(*(None if getattr(parts[0], f) is None else torch.cat([getattr(p, f) for p in parts])
+                              for f in Conditioning.FIELDS))
+
+    @staticmethod
+    def stack(rows: list[Conditioning]) -> Conditioning:
+        """Rows of one sample each (no batch dimension) → a batch."""
+        return Conditioning(*(None if getattr(rows[0], f) is None else torch.stack([getattr(r, f) for r in rows])
+                              for f in Conditioning.FIELDS))
+
+    def unet_kwargs(self) -> dict:
+        kwargs = {"encoder_hidden_states": self.embeds}
+        if self.pooled is not None:
+            kwargs["added_cond_kwargs"] = {"text_embeds": self.pooled, "time_ids": self.time_ids}
+        return kwargs
+
+    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        """Named tensors for a safetensors file (``prefix`` = "prompt" or "negative")."""
+        return {f"{prefix}_{f}": v.contiguous() for f in self.FIELDS if (v := getattr(self, f)) is not None}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], prefix: str) -> Conditioning:
+        return cls(*(tensors.get(f"{prefix}_{f}") for f in cls.FIELDS))
+
+
+@dataclass
 class Trajectories:
     latents: torch.Tensor  # (B, T+1, C, H, W): x_T … x_0
     timesteps: torch.Tensor  # (T,)
     log_probs: torch.Tensor  # (B, T): log p(x_{t-1} | x_t, c) under the sampling model
-    prompt_embeds: torch.Tensor  # (B, L, D)
-    negative_embeds: torch.Tensor  # (B, L, D)
+    cond: Conditioning  # the prompts'
+    uncond: Conditioning  # the empty prompt's (classifier-free guidance)
     images: np.ndarray  # (B, H, W, 3) uint8
 
 
@@ -53,15 +105,28 @@ def derive_seed(seed: int, stream: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{stream}".encode()).digest()[:8], "big") >> 1
 
 
-# ---- model adapters: the world pipeline (pixel space) and Stable Diffusion (latent) --
+# ---- model adapters: the world pipeline (pixel space), SD1.5 and SDXL (latent) ------
 
-def encode_prompts(pipe, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(conditional, unconditional) prompt embeddings."""
+def is_sdxl(pipe) -> bool:
+    """The UNet takes pooled text embeddings and size/crop ids besides the hidden states."""
+    return getattr(pipe.unet.config, "addition_embed_type", None) == "text_time"
+
+
+def encode_prompts(pipe, prompts: list[str]) -> tuple[Conditioning, Conditioning]:
+    """(conditional, unconditional) conditioning of the prompts."""
+    if is_sdxl(pipe):
+        cond, uncond, pooled, uncond_pooled = pipe.encode_prompt(
+            prompts, device=pipe.device, num_images_per_prompt=1, do_classifier_free_guidance=True)
+        # (original size, crop top-left, target size): the full image, uncropped, as SDXL samples by default
+        height, width = (s * pipe.vae_scale_factor for s in sample_shape(pipe)[1:])
+        time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=cond.dtype,
+                                device=cond.device).repeat(len(prompts), 1)
+        return Conditioning(cond, pooled, time_ids), Conditioning(uncond, uncond_pooled, time_ids.clone())
     if hasattr(pipe, "vae"):
         cond, uncond = pipe.encode_prompt(prompts, device=pipe.device, num_images_per_prompt=1,
                                           do_classifier_free_guidance=True)
-        return cond, uncond
-    return pipe.encode_prompt(prompts), pipe.encode_prompt([""] * len(prompts))
+        return Conditioning(cond), Conditioning(uncond)
+    return Conditioning(pipe.encode_prompt(prompts)), Conditioning(pipe.encode_prompt([""] * len(prompts)))
 
 
 def sample_shape(pipe) -> tuple[int, int, int]:
@@ -87,10 +152,11 @@ def timestep_pairs(scheduler, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
     return timesteps, prev
 
 
-def guided_output(unet, x: torch.Tensor, t: torch.Tensor | int, cond: torch.Tensor, uncond: torch.Tensor,
+def guided_output(unet, x: torch.Tensor, t: torch.Tensor | int, cond: Conditioning, uncond: Conditioning,
                   guidance_scale: float) -> torch.Tensor:
     """Classifier-free-guided model output (ε, v or x0, whatever the model predicts)."""
-    out = unet(torch.cat([x, x]), t, torch.cat([uncond, cond])).sample
+    both = Conditioning.cat([uncond, cond]).to(dtype=unet.dtype)
+    out = unet(torch.cat([x, x]), t, **both.unet_kwargs()).sample
     out_uncond, out_cond = out.chunk(2)
     return out_uncond + guidance_scale * (out_cond - out_uncond)
 
@@ -140,7 +206,7 @@ def ddim_step(scheduler, model_output: torch.Tensor, t: int, prev_t: int, x_t: t
 
 
 def step_log_prob(pipe_or_unet, scheduler, x_t: torch.Tensor, t: int, prev_t: int, x_prev: torch.Tensor,
-                  cond: torch.Tensor, uncond: torch.Tensor, config: SamplerConfig) -> torch.Tensor:
+                  cond: Conditioning, uncond: Conditioning, config: SamplerConfig) -> torch.Tensor:
     """Log-prob of a recorded step under a (possibly different) model; differentiable."""
     unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
     device = unet.device  # recorded trajectories live on the CPU; the model may not
@@ -173,10 +239,10 @@ def sample(pipe, prompts: list[str], seeds: list[int], config: SamplerConfig, in
     images = to_images(pipe, x)
     if not record:
         return Trajectories(latents=x[:, None], timesteps=timesteps, log_probs=torch.empty(len(prompts), 0),
-                            prompt_embeds=cond, negative_embeds=uncond, images=images)
+                            cond=cond, uncond=uncond, images=images)
     return Trajectories(latents=torch.stack(latents, dim=1).cpu(), timesteps=timesteps,
-                        log_probs=torch.stack(log_probs, dim=1).cpu(), prompt_embeds=cond.float().cpu(),
-                        negative_embeds=uncond.float().cpu(), images=images)
+                        log_probs=torch.stack(log_probs, dim=1).cpu(), cond=cond.to("cpu", torch.float32),
+                        uncond=uncond.to("cpu", torch.float32), images=images)
 
 
 def scheduler_init_sigma(scheduler) -> float:

@@ -1,4 +1,4 @@
-"""Tiny models built from configs, for tests: a world pipeline and a latent Stable Diffusion."""
+"""Tiny models built from configs, for tests: a world pipeline, latent Stable Diffusion 1.5 and XL, a CLIP."""
 
 from __future__ import annotations
 
@@ -52,31 +52,70 @@ def save_tiny_clip(path: Path, seed: int = 0) -> Path:
     return path
 
 
+def _tiny_vae_and_latent_size(image_size: int):
+    """A KL VAE, ×4 down-sampling at 32 px (tests), ×8 above (SD's real latent size)."""
+    from diffusers import AutoencoderKL
+
+    blocks = 3 if image_size <= 32 else 4
+    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(16, 32, 32, 32)[:blocks],
+                        down_block_types=("DownEncoderBlock2D",) * blocks, up_block_types=("UpDecoderBlock2D",) * blocks,
+                        latent_channels=4, norm_num_groups=8, sample_size=image_size)
+    return vae, image_size // 2 ** (blocks - 1)
+
+
+def _sd_scheduler():
+    """Stable Diffusion's noise schedule (1.5 and XL share it)."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                         set_alpha_to_one=False, steps_offset=1)
+
+
 def save_tiny_stable_diffusion(path: Path, seed: int = 0, image_size: int = 32) -> Path:
     """An SD1.5-shaped pipeline (latent UNet, KL VAE, CLIP text encoder + BPE tokenizer),
-    tiny in width but at any resolution: image_size 32 → 4×8×8 latents (×4 VAE, tests);
-    512 → 4×64×64 (×8 VAE, SD1.5's real latent size, for the GPU benchmark)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    tiny in width but at any resolution: image_size 32 → 4×8×8 latents (tests);
+    512 → 4×64×64 (SD1.5's real latent size, for the GPU benchmark)."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
-    tokenizer = _letter_tokenizer()
-    text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_CLIP_TEXT))
-    vae_blocks = 3 if image_size <= 32 else 4  # ×4 or ×8 down-sampling
-    latent_size = image_size // 2 ** (vae_blocks - 1)
+    vae, latent_size = _tiny_vae_and_latent_size(image_size)
     unet = UNet2DConditionModel(
         sample_size=latent_size, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(16, 32, 32, 32)[:vae_blocks],
-                        down_block_types=("DownEncoderBlock2D",) * vae_blocks,
-                        up_block_types=("UpDecoderBlock2D",) * vae_blocks,
-                        latent_channels=4, norm_num_groups=8, sample_size=image_size)
-    # Stable Diffusion 1.5's noise schedule.
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=CLIPTextModel(CLIPTextConfig(**TINY_CLIP_TEXT)),
+                                   tokenizer=_letter_tokenizer(), unet=unet, scheduler=_sd_scheduler(),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(path)
+    return path
+
+
+TIME_EMBED_DIM = 8  # per size/crop id: 6 ids
+
+
+def save_tiny_sdxl(path: Path, seed: int = 0, image_size: int = 32) -> Path:
+    """An SDXL-shaped pipeline, as diffusers' own tests build one: two text encoders (the
+    second with a projection: the pooled embedding), a UNet with ``addition_embed_type``
+    "text_time" conditioned on both encoders' hidden states, the pooled embedding and the
+    six size/crop ids, and a KL VAE."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    text = {**TINY_CLIP_TEXT, "num_hidden_layers": 2}  # SDXL reads the penultimate layer
+    text_encoder, text_encoder_2 = CLIPTextModel(CLIPTextConfig(**text)), CLIPTextModelWithProjection(
+        CLIPTextConfig(**text))
+    vae, latent_size = _tiny_vae_and_latent_size(image_size)
+    unet = UNet2DConditionModel(
+        sample_size=latent_size, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 2),
+        cross_attention_dim=text["hidden_size"] * 2, addition_embed_type="text_time",
+        addition_time_embed_dim=TIME_EMBED_DIM,
+        projection_class_embeddings_input_dim=6 * TIME_EMBED_DIM + text["projection_dim"], norm_num_groups=8)
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=_letter_tokenizer(), tokenizer_2=_letter_tokenizer(), unet=unet,
+                                     scheduler=_sd_scheduler(), add_watermarker=False)
     pipe.save_pretrained(path)
     return path

@@ -221,7 +221,7 @@ def test_gradient_checkpointing_changes_memory_not_the_gradients(base_dir):
         cfg = FinetuneParams(method="diffusion_dpo", gradient_checkpointing=checkpointing)
         traj = sample(pipe, [PROMPT] * 4, [0, 1, 2, 3], SAMPLER)
         module = methods.DiffusionDPO(pipe, cfg, seed=0, winner=traj.latents[0::2, -1], loser=traj.latents[1::2, -1],
-                                      cond=traj.prompt_embeds[0::2])
+                                      cond=traj.cond[0::2])
         module.schedule = [np.arange(2)]
         assert pipe.unet.is_gradient_checkpointing == checkpointing
         module.training_step(None, 0).backward()
@@ -269,9 +269,9 @@ def test_sd15_profile_settings_train_a_latent_model_with_lightning(tmp_path):
     out = tmp_path / "candidate"
     save_candidate(module.pipe, out, params.finetune.lora, str(model_dir), {"method": "prdp"})
     stock = StableDiffusionPipeline.from_pretrained(model_dir)
-    x, cond = traj.latents[:1, 0], traj.prompt_embeds[:1]
+    x, cond = traj.latents[:1, 0], traj.cond[:1]
     with torch.no_grad():
-        before = stock.unet(x, 500, cond).sample
+        before = stock.unet(x, 500, **cond.unet_kwargs()).sample
         stock.load_lora_weights(out)
-        after = stock.unet(x, 500, cond).sample
+        after = stock.unet(x, 500, **cond.unet_kwargs()).sample
     assert not torch.equal(before, after)  # the trained adapter, in diffusers format, changes the UNet

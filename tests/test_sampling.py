@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from components.config import WorldModelParams
-from components.sampling import SamplerConfig, ddim_step, guided_output, sample, step_log_prob, timestep_pairs
+from components.sampling import (SamplerConfig, ddim_step, encode_prompts, guided_output, sample, step_log_prob,
+                                 timestep_pairs)
 from components.world.model import WorldPipeline
 
 TINY = WorldModelParams(channels=[16, 32], layers_per_block=1, text_dim=32, text_layers=1)
@@ -33,7 +34,7 @@ def test_step_matches_diffusers_ddim_scheduler_with_eta_1(pipe, prediction_type)
     timesteps, prevs = timestep_pairs(scheduler, 10)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 32, 32, generator=gen)
-    cond, uncond = pipe.encode_prompt(PROMPTS), pipe.encode_prompt(["", ""])
+    cond, uncond = encode_prompts(pipe, PROMPTS)
     with torch.no_grad():
         for t, prev_t in zip(timesteps.tolist(), prevs.tolist()):
             eps = guided_output(pipe.unet, x, t, cond, uncond, 3.0)
@@ -54,7 +55,7 @@ def test_recorded_log_probs_equal_recomputation(pipe):
     with torch.no_grad():
         for step, (t, prev_t) in enumerate(zip(timesteps.tolist(), prevs.tolist())):
             recomputed = step_log_prob(pipe, pipe.scheduler, traj.latents[:, step], t, prev_t, traj.latents[:, step + 1],
-                                       traj.prompt_embeds, traj.negative_embeds, config)
+                                       traj.cond, traj.uncond, config)
             torch.testing.assert_close(recomputed, traj.log_probs[:, step], rtol=0, atol=1e-5)
 
 
@@ -63,14 +64,14 @@ def test_log_prob_is_differentiable_and_lower_for_unlikely_steps(pipe):
     traj = sample(pipe, PROMPTS[:1], seeds=[3], config=config)
     t, prev_t = (v.tolist() for v in timestep_pairs(pipe.scheduler, 4))
     x_t, x_prev = traj.latents[:, 1], traj.latents[:, 2]
-    lp = step_log_prob(pipe.unet, pipe.scheduler, x_t, t[1], prev_t[1], x_prev, traj.prompt_embeds,
-                       traj.negative_embeds, config)
+    lp = step_log_prob(pipe.unet, pipe.scheduler, x_t, t[1], prev_t[1], x_prev, traj.cond,
+                       traj.uncond, config)
     lp.sum().backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in pipe.unet.parameters())
     pipe.unet.zero_grad()
     with torch.no_grad():
-        far = step_log_prob(pipe.unet, pipe.scheduler, x_t, t[1], prev_t[1], x_prev + 1.0, traj.prompt_embeds,
-                            traj.negative_embeds, config)
+        far = step_log_prob(pipe.unet, pipe.scheduler, x_t, t[1], prev_t[1], x_prev + 1.0, traj.cond,
+                            traj.uncond, config)
     assert (far < lp.detach()).all()
 
 

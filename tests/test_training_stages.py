@@ -53,6 +53,12 @@ def _project(stack_project, root, **edits) -> Project:
 
     root = sibling_project(stack_project, root, edit=edit)
     save_tiny_world_model(root / "models" / "base")
+    return generate_and_label(root)
+
+
+def generate_and_label(root) -> Project:
+    """Curate the world's prompts, generate with the project's model, and label the images
+    with the simulated annotators."""
     curate.run(root)
     project = Project.load(root)
     generate.run(project)

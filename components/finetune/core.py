@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from components.config import FinetuneParams, LoraParams
+from components.sampling import Conditioning
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 CANDIDATE_FILE = "candidate.json"
@@ -28,9 +29,9 @@ def attach_policy(pipe, lora: LoraParams) -> torch.nn.Module | None:
     Returns the frozen reference UNet for a full fine-tune; with LoRA the reference is
     the same UNet with its adapter disabled (no second copy in memory).
     """
-    pipe.text_encoder.requires_grad_(False)
-    if getattr(pipe, "vae", None) is not None:
-        pipe.vae.requires_grad_(False)
+    for frozen in ("text_encoder", "text_encoder_2", "vae"):
+        if getattr(pipe, frozen, None) is not None:
+            getattr(pipe, frozen).requires_grad_(False)
     if lora.rank == 0:
         import copy
 
@@ -102,7 +103,7 @@ class PolicyModule(L.LightningModule):
         checkpoint["state_dict"] = self.state_dict()
 
 
-def denoising_mse(unet, scheduler, x0: torch.Tensor, cond: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
+def denoising_mse(unet, scheduler, x0: torch.Tensor, cond: Conditioning, t: torch.Tensor, noise: torch.Tensor
                   ) -> torch.Tensor:
     """Per-sample MSE of the model's prediction target (ε, v or x0) at timesteps t: the ELBO surrogate."""
     device = unet.device  # training data lives on the CPU; the model may not
@@ -111,7 +112,7 @@ def denoising_mse(unet, scheduler, x0: torch.Tensor, cond: torch.Tensor, t: torc
     x_t = alpha.sqrt() * x0 + (1 - alpha).sqrt() * noise
     kind = scheduler.config.prediction_type
     target = {"epsilon": noise, "v_prediction": alpha.sqrt() * noise - (1 - alpha).sqrt() * x0, "sample": x0}[kind]
-    pred = unet(x_t.to(unet.dtype), t, cond.to(unet.dtype)).sample.float()
+    pred = unet(x_t.to(unet.dtype), t, **cond.to(dtype=unet.dtype).unet_kwargs()).sample.float()
     return ((pred - target) ** 2).mean(dim=tuple(range(1, pred.ndim)))
 
 
@@ -127,7 +128,7 @@ def encode_images(pipe, images: np.ndarray) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_text(pipe, prompts: list[str]) -> torch.Tensor:
+def encode_text(pipe, prompts: list[str]) -> Conditioning:
     from components.sampling import encode_prompts
 
     return encode_prompts(pipe, prompts)[0]

@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from components.config import FinetuneParams
 from components.finetune.core import PolicyModule, denoising_mse
-from components.sampling import SamplerConfig, derive_seed, sample, step_log_prob, timestep_pairs
+from components.sampling import Conditioning, SamplerConfig, derive_seed, sample, step_log_prob, timestep_pairs
 
 
 @dataclass
@@ -31,8 +31,8 @@ class TrajectoryPairs:
     batch, run through the UNet) once, however many pairs it is in: an image of a group
     of K that share x_T can be in K − 1 pairs (D3PO trains all of them, §2.3)."""
     latents: torch.Tensor  # (N, T+1, C, H, W): x_T … x_0 of every trajectory in a pair
-    cond: torch.Tensor  # (N, L, D) prompt embeddings recorded at sampling time
-    uncond: torch.Tensor
+    cond: Conditioning  # (N, …) the prompts' conditioning recorded at sampling time
+    uncond: Conditioning
     timesteps: torch.Tensor  # (T,)
     winner: torch.Tensor  # (P,) indices into latents
     loser: torch.Tensor
@@ -40,7 +40,7 @@ class TrajectoryPairs:
     @classmethod
     def of(cls, traj, winner, loser) -> TrajectoryPairs:
         """Pairs (winner[i], loser[i]) of the rows of one :class:`~components.sampling.Trajectories`."""
-        return cls(latents=traj.latents, cond=traj.prompt_embeds, uncond=traj.negative_embeds,
+        return cls(latents=traj.latents, cond=traj.cond, uncond=traj.uncond,
                    timesteps=traj.timesteps, winner=torch.as_tensor(winner), loser=torch.as_tensor(loser))
 
 
@@ -138,8 +138,8 @@ class PRDP(PolicyModule):
         with self.reference_unet() as ref:
             for step, (t, prev_t) in enumerate(zip(traj.timesteps.tolist(), self.prevs.tolist())):
                 reference[:, step] = step_log_prob(ref, self.pipe.scheduler, traj.latents[:, step], t, prev_t,
-                                                   traj.latents[:, step + 1], traj.prompt_embeds,
-                                                   traj.negative_embeds, self.sampler)
+                                                   traj.latents[:, step + 1], traj.cond, traj.uncond,
+                                                   self.sampler)
         self.unet.train()
         rewards = torch.as_tensor(self.reward_fn(traj.images, prompts), dtype=torch.float32)
         group = torch.arange(len(chosen)).repeat_interleave(c.images_per_prompt)
@@ -172,8 +172,8 @@ class PRDP(PolicyModule):
 
         def policy_step(i: int) -> torch.Tensor:
             return step_log_prob(self.unet, self.pipe.scheduler, traj.latents[:, i], int(traj.timesteps[i]),
-                                 int(self.prevs[i]), traj.latents[:, i + 1], traj.prompt_embeds,
-                                 traj.negative_embeds, self.sampler)
+                                 int(self.prevs[i]), traj.latents[:, i + 1], traj.cond, traj.uncond,
+                                 self.sampler)
 
         # The squared pair loss couples every step of every image, so without checkpointing the
         # backward pass holds the UNet activations of all of them at once (the defaults, 128
@@ -203,12 +203,12 @@ class RewardWeighted(PolicyModule):
     pre-training distribution, which keeps the model from forgetting.
     """
 
-    def __init__(self, pipe, cfg: FinetuneParams, seed: int, x0: torch.Tensor, cond: torch.Tensor,
+    def __init__(self, pipe, cfg: FinetuneParams, seed: int, x0: torch.Tensor, cond: Conditioning,
                  weights: torch.Tensor, prior_batch):
         super().__init__(pipe, cfg, cfg.reward_weighted.lr, seed)
         self.x0, self.cond, self.weights, self.prior_batch = x0, cond, weights, prior_batch
 
-    def random_mse(self, x0: torch.Tensor, cond: torch.Tensor, stream: str) -> torch.Tensor:
+    def random_mse(self, x0: torch.Tensor, cond: Conditioning, stream: str) -> torch.Tensor:
         g = self.generator(stream)
         t = torch.randint(0, len(self.pipe.scheduler.alphas_cumprod), (len(x0),), generator=g)
         noise = torch.randn(x0.shape, generator=g)
@@ -238,7 +238,7 @@ class DiffusionDPO(PolicyModule):
     """
 
     def __init__(self, pipe, cfg: FinetuneParams, seed: int, winner: torch.Tensor, loser: torch.Tensor,
-                 cond: torch.Tensor):
+                 cond: Conditioning):
         super().__init__(pipe, cfg, cfg.diffusion_dpo.lr, seed)
         self.winner, self.loser, self.cond = winner, loser, cond
 
@@ -249,7 +249,7 @@ class DiffusionDPO(PolicyModule):
         t = torch.randint(0, len(self.pipe.scheduler.alphas_cumprod), (n,), generator=g).repeat(2)
         noise = torch.randn(self.winner[index].shape, generator=g).repeat(2, 1, 1, 1)
         x0 = torch.cat([self.winner[index], self.loser[index]])
-        cond = self.cond[index].repeat(2, 1, 1)
+        cond = self.cond[index].repeat(2)
         mse_w, mse_l = denoising_mse(self.unet, self.pipe.scheduler, x0, cond, t, noise).chunk(2)
         with self.reference_unet() as ref:
             ref_w, ref_l = denoising_mse(ref, self.pipe.scheduler, x0, cond, t, noise).chunk(2)

@@ -41,7 +41,7 @@ from components.finetune import methods
 from components.finetune.core import encode_images, encode_text, save_candidate
 from components.progress import on_terminal, progress_callbacks
 from components.project import Project
-from components.sampling import SamplerConfig
+from components.sampling import Conditioning, SamplerConfig
 
 CANDIDATE_OUT = Path("models/candidate")
 REWARD_MODEL = Path("models/reward")
@@ -123,8 +123,9 @@ def build_d3po(project: Project, pipe, gens, usable, fetch) -> tuple[L.Lightning
     trajectories = fetch.trajectories(list(gens.loc[ids, "trajectory_key"]))
     pairs = methods.TrajectoryPairs(
         latents=torch.stack([t["latents"] for t in trajectories]),
-        cond=torch.stack([t["prompt_embeds"] for t in trajectories]),
-        uncond=torch.stack([t["negative_embeds"] for t in trajectories]), timesteps=trajectories[0]["timesteps"],
+        cond=Conditioning.stack([Conditioning.from_tensors(t, "prompt") for t in trajectories]),
+        uncond=Conditioning.stack([Conditioning.from_tensors(t, "negative") for t in trajectories]),
+        timesteps=trajectories[0]["timesteps"],
         winner=torch.tensor(position[prefs["winner"]].to_numpy()),  # a copy: pandas' array is read-only
         loser=torch.tensor(position[prefs["loser"]].to_numpy()))
     module = methods.D3PO(pipe, cfg, project.params.seed, pairs, sampler)
