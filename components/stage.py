@@ -44,7 +44,7 @@ def run_stage(name: str, body: Callable[[Project], str]) -> int:
     A :class:`UserError` becomes ``<stage>: error: <message>`` on stderr (one line per
     problem) and the error's exit code, and so does an expected failure of the outside
     world (a service unreachable, a file that cannot be opened; exit code 1); otherwise
-    the body's summary is printed.
+    the body's summary, if any, is printed.
     """
     quiet_library_noise()
     try:
@@ -58,5 +58,6 @@ def run_stage(name: str, body: Callable[[Project], str]) -> int:
             raise
         report_errors([f"{name}: error: {line}"])
         return 1
-    print(f"{name}: {summary}")
+    if summary:  # a data-parallel worker process has nothing to add to the first one's summary
+        print(f"{name}: {summary}")
     return 0

@@ -86,6 +86,17 @@ def sibling_project(stack_project, root: Path, edit=None) -> Path:
     return root
 
 
+def last_checkpoint_step(checkpoints: Path) -> int:
+    """The global step of the newest ``last.ckpt`` under ``checkpoints`` (0: none yet)."""
+    import torch
+
+    last = list(checkpoints.glob("*/last.ckpt"))
+    try:
+        return torch.load(last[0], weights_only=False)["global_step"] if last else 0
+    except Exception:  # caught mid-write
+        return 0
+
+
 def run(cmd: list[str], cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     result = subprocess.run(cmd, cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True)
     assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout}\n{result.stderr}"

@@ -23,7 +23,7 @@ from components.finetune import stage as finetune_stage
 from components.project import Project
 from components.reward import train as reward_train
 from components.reward.model import RewardModel, RewardScorer
-from tests.conftest import sibling_project
+from tests.conftest import last_checkpoint_step, sibling_project
 from tests.models import save_tiny_world_model
 
 METHODS = ["d3po", "prdp", "reward_weighted", "diffusion_dpo"]
@@ -279,14 +279,7 @@ def test_killed_fine_tune_resumes_to_the_same_model(stack_project, tmp_path):
     checkpoints = project.state_dir / "checkpoints" / "finetune"
     deadline = time.monotonic() + 300
 
-    def saved_step() -> int:
-        last = list(checkpoints.glob("*/last.ckpt"))
-        try:
-            return torch.load(last[0], weights_only=False)["global_step"] if last else 0
-        except Exception:  # caught mid-write
-            return 0
-
-    while time.monotonic() < deadline and saved_step() < 4:
+    while time.monotonic() < deadline and last_checkpoint_step(checkpoints) < 4:
         assert proc.poll() is None, "finetune finished before it could be killed"
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)

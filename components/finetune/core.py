@@ -47,7 +47,15 @@ def attach_policy(pipe, lora: LoraParams) -> torch.nn.Module | None:
 
 
 class PolicyModule(L.LightningModule):
-    """Base of every method: holds the policy, the reference and the optimiser."""
+    """Base of every method: holds the policy, the reference and the optimiser.
+
+    Under data parallelism (``strategy: ddp``, N processes) every process draws the same
+    global batch from the schedule and trains on its own contiguous share of it
+    (:meth:`local_part`), so the processes never see the same example in a step and x_T
+    groups stay together. Each scales its mean loss by its share (:meth:`share`), so that
+    DDP's average of the gradients is the gradient of the mean over the global batch:
+    N processes train the model one process would, at the same global batch.
+    """
 
     def __init__(self, pipe, cfg: FinetuneParams, lr: float, seed: int):
         super().__init__()
@@ -56,6 +64,7 @@ class PolicyModule(L.LightningModule):
         if cfg.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         self.schedule: list[np.ndarray] = []
+        self.seen: list[tuple[int, int]] = []  # (micro-batch, example) this process trained on
 
     def batch_index(self, batch_idx: int) -> torch.Tensor:
         """The examples of this micro-batch: a pure function of the step, so a resumed run
@@ -63,6 +72,31 @@ class PolicyModule(L.LightningModule):
         accumulate = self.trainer.accumulate_grad_batches if self._trainer else 1
         micro = self.global_step * accumulate + batch_idx % accumulate
         return torch.as_tensor(self.schedule[micro % len(self.schedule)])
+
+    def ranks(self) -> tuple[int, int]:
+        """(this process's rank, number of processes)."""
+        return (self.trainer.global_rank, self.trainer.world_size) if self._trainer else (0, 1)
+
+    def local_part(self, n: int) -> slice:
+        """This process's contiguous share of a global batch of n examples (all of it alone)."""
+        rank, world = self.ranks()
+        sizes = [n // world + (r < n % world) for r in range(world)]
+        start = sum(sizes[:rank])
+        return slice(start, start + sizes[rank])
+
+    def share(self, local: int, total: int) -> float:
+        """Scale of a mean over ``local`` of ``total`` examples such that the processes'
+        averaged gradients are those of the mean over all of them."""
+        return local * self.ranks()[1] / total if total else 0.0
+
+    def record(self, examples) -> None:
+        micro = self.global_step * (self.trainer.accumulate_grad_batches if self._trainer else 1)
+        self.seen += [(micro, int(e)) for e in examples]
+
+    def zero_loss(self) -> torch.Tensor:
+        """A loss of 0 that still reaches every trainable weight: a process with no example
+        in this batch must still take part in the gradient average."""
+        return sum(p.sum() * 0 for p in self.trainable())
 
     @contextmanager
     def reference_unet(self):

@@ -91,6 +91,10 @@ class D3PO(PolicyModule):
     def training_step(self, batch, batch_idx):
         pairs = self.batch_index(batch_idx)
         steps = step_subset(len(self.pairs.timesteps), self.cfg.d3po.timestep_fraction, self.generator("steps"))
+        total, pairs = len(pairs), pairs[self.local_part(len(pairs))]
+        self.record(pairs)
+        if not len(pairs):
+            return self.zero_loss()
         losses, correct, clamped = [], [], []
         for step in steps:
             logits, outside = self.pair_logits(pairs, step)
@@ -102,7 +106,7 @@ class D3PO(PolicyModule):
         self.log("implicit_accuracy", torch.stack(correct).mean())
         # the last steps' σ is tiny: a small drift there leaves the band and those steps stop teaching
         self.log("clamped_fraction", torch.stack(clamped).mean())
-        return loss
+        return loss * self.share(len(pairs), total)
 
 
 class PRDP(PolicyModule):
@@ -128,27 +132,36 @@ class PRDP(PolicyModule):
     def resample(self, epoch: int) -> None:
         c = self.cfg.prdp
         rng = np.random.default_rng([self.seed, epoch])
-        chosen = [self.prompts[i] for i in rng.choice(len(self.prompts), size=min(c.prompts_per_epoch,
-                                                                                  len(self.prompts)), replace=False)]
-        prompts = [p for p in chosen for _ in range(c.images_per_prompt)]
-        seeds = [derive_seed(self.seed, f"prdp:{epoch}:{i}") for i in range(len(prompts))]
-        self.unet.eval()
-        traj = sample(self.pipe, prompts, seeds, self.sampler)
-        reference = torch.zeros_like(traj.log_probs)
-        with self.reference_unet() as ref:
-            for step, (t, prev_t) in enumerate(zip(traj.timesteps.tolist(), self.prevs.tolist())):
-                reference[:, step] = step_log_prob(ref, self.pipe.scheduler, traj.latents[:, step], t, prev_t,
-                                                   traj.latents[:, step + 1], traj.cond, traj.uncond,
-                                                   self.sampler)
-        self.unet.train()
-        rewards = torch.as_tensor(self.reward_fn(traj.images, prompts), dtype=torch.float32)
-        group = torch.arange(len(chosen)).repeat_interleave(c.images_per_prompt)
-        a, b = torch.triu_indices(len(prompts), len(prompts), offset=1)
-        keep = (group[a] == group[b]) & (rewards[a] != rewards[b])
-        a, b = a[keep], b[keep]
-        swap = rewards[a] < rewards[b]  # order each pair so that Δr > 0
-        a, b = torch.where(swap, b, a), torch.where(swap, a, b)
-        self.epoch_samples = {"traj": traj, "ref": reference, "rewards": rewards, "a": a, "b": b}
+        chosen = rng.choice(len(self.prompts), size=min(c.prompts_per_epoch, len(self.prompts)), replace=False)
+        part = self.local_part(len(chosen))  # under DDP, each process samples its share of the prompts
+        chosen = chosen[part]
+        self.record(chosen)
+        prompts = [self.prompts[p] for p in chosen for _ in range(c.images_per_prompt)]
+        first = part.start * c.images_per_prompt  # seeds by global image index: as one process draws them
+        seeds = [derive_seed(self.seed, f"prdp:{epoch}:{first + i}") for i in range(len(prompts))]
+        a = b = torch.zeros(0, dtype=torch.long)
+        traj = reference = rewards = None
+        if prompts:
+            self.unet.eval()
+            traj = sample(self.pipe, prompts, seeds, self.sampler)
+            reference = torch.zeros_like(traj.log_probs)
+            with self.reference_unet() as ref:
+                for step, (t, prev_t) in enumerate(zip(traj.timesteps.tolist(), self.prevs.tolist())):
+                    reference[:, step] = step_log_prob(ref, self.pipe.scheduler, traj.latents[:, step], t, prev_t,
+                                                       traj.latents[:, step + 1], traj.cond, traj.uncond,
+                                                       self.sampler)
+            self.unet.train()
+            rewards = torch.as_tensor(self.reward_fn(traj.images, prompts), dtype=torch.float32)
+            group = torch.arange(len(chosen)).repeat_interleave(c.images_per_prompt)
+            a, b = torch.triu_indices(len(prompts), len(prompts), offset=1)
+            keep = (group[a] == group[b]) & (rewards[a] != rewards[b])
+            a, b = a[keep], b[keep]
+            swap = rewards[a] < rewards[b]  # order each pair so that Δr > 0
+            a, b = torch.where(swap, b, a), torch.where(swap, a, b)
+        total = len(a)
+        if self._trainer and self.trainer.world_size > 1:
+            total = int(self.trainer.strategy.reduce(torch.tensor(float(len(a)), device=self.device), reduce_op="sum"))
+        self.epoch_samples = {"traj": traj, "ref": reference, "rewards": rewards, "a": a, "b": b, "pairs": total}
         self.sampled_epoch = epoch
 
     def training_step(self, batch, batch_idx):
@@ -156,6 +169,10 @@ class PRDP(PolicyModule):
         if epoch != self.sampled_epoch:
             self.resample(epoch)
         s = self.epoch_samples
+        if not len(s["a"]):  # no prompt here, or every image of a prompt scored the same: nothing to learn
+            loss = self.zero_loss()
+            self.log("loss", loss, prog_bar=True)
+            return loss
         loss, stats = self.prdp_loss(s, step_subset(self.sampler.steps, self.cfg.prdp.timestep_fraction,
                                                     self.generator("steps")))
         self.log("loss", loss, prog_bar=True)
@@ -163,12 +180,10 @@ class PRDP(PolicyModule):
         self.log("reward_std", s["rewards"].std())
         for name, value in stats.items():
             self.log(name, value)
-        return loss
+        return loss * self.share(len(s["a"]), s["pairs"])
 
     def prdp_loss(self, s: dict, steps: list[int]) -> tuple[torch.Tensor, dict]:
         traj, c = s["traj"], self.cfg.prdp
-        if not len(s["a"]):  # every image of every prompt scored the same: nothing to learn
-            return sum(p.sum() * 0 for p in self.trainable()), {}
 
         def policy_step(i: int) -> torch.Tensor:
             return step_log_prob(self.unet, self.pipe.scheduler, traj.latents[:, i], int(traj.timesteps[i]),
@@ -208,26 +223,34 @@ class RewardWeighted(PolicyModule):
         super().__init__(pipe, cfg, cfg.reward_weighted.lr, seed)
         self.x0, self.cond, self.weights, self.prior_batch = x0, cond, weights, prior_batch
 
-    def random_mse(self, x0: torch.Tensor, cond: Conditioning, stream: str) -> torch.Tensor:
+    def random_mse(self, x0: torch.Tensor, cond: Conditioning, stream: str, part: slice = slice(None)
+                   ) -> torch.Tensor:
+        """The denoising MSE of ``x0[part]``, at the timesteps and noise drawn for all of x0."""
         g = self.generator(stream)
         t = torch.randint(0, len(self.pipe.scheduler.alphas_cumprod), (len(x0),), generator=g)
         noise = torch.randn(x0.shape, generator=g)
-        return denoising_mse(self.unet, self.pipe.scheduler, x0, cond, t, noise)
+        return denoising_mse(self.unet, self.pipe.scheduler, x0[part], cond[part], t[part], noise[part])
 
     def training_step(self, batch, batch_idx):
         index = self.batch_index(batch_idx)
-        w = self.weights[index].to(self.device)
-        feedback = (w * self.random_mse(self.x0[index], self.cond[index], "feedback")).sum() / w.sum().clamp(min=1e-8)
-        loss = feedback
-        if self.cfg.reward_weighted.pretrain_weight:
+        part = self.local_part(len(index))
+        self.record(index[part])
+        if not len(index[part]):
+            return self.zero_loss()
+        # The weights are 0/1 (a label, or the learned reward over its threshold) and only the
+        # good are kept: the weighted mean is a mean, which `share` spreads over processes.
+        w = self.weights[index[part]].to(self.device)
+        feedback = (w * self.random_mse(self.x0[index], self.cond[index], "feedback", part)).sum() / w.sum()
+        loss, shared = feedback, feedback * self.share(len(w), len(index))
+        if self.cfg.reward_weighted.pretrain_weight:  # the same prior batch on every process: its mean as is
             prior_x0, prior_cond = self.prior_batch(self.global_step)
-            prior = self.random_mse(prior_x0, prior_cond, "prior").mean()
-            loss = loss + self.cfg.reward_weighted.pretrain_weight * prior
-            self.log("prior_mse", prior)
+            prior = self.cfg.reward_weighted.pretrain_weight * self.random_mse(prior_x0, prior_cond, "prior").mean()
+            loss, shared = loss + prior, shared + prior
+            self.log("prior_mse", prior / self.cfg.reward_weighted.pretrain_weight)
         self.log("loss", loss, prog_bar=True)
         self.log("weighted_mse", feedback)
         self.log("reward_mean", w.mean())
-        return loss
+        return shared
 
 
 class DiffusionDPO(PolicyModule):
@@ -244,10 +267,14 @@ class DiffusionDPO(PolicyModule):
 
     def training_step(self, batch, batch_idx):
         index = self.batch_index(batch_idx)
-        g = self.generator("dpo")
-        n = len(index)
-        t = torch.randint(0, len(self.pipe.scheduler.alphas_cumprod), (n,), generator=g).repeat(2)
-        noise = torch.randn(self.winner[index].shape, generator=g).repeat(2, 1, 1, 1)
+        g = self.generator("dpo")  # t and ε drawn for the global batch, then this process's share
+        t = torch.randint(0, len(self.pipe.scheduler.alphas_cumprod), (len(index),), generator=g)
+        noise = torch.randn(self.winner[index].shape, generator=g)
+        part = self.local_part(len(index))
+        total, index, t, noise = len(index), index[part], t[part].repeat(2), noise[part].repeat(2, 1, 1, 1)
+        self.record(index)
+        if not len(index):
+            return self.zero_loss()
         x0 = torch.cat([self.winner[index], self.loser[index]])
         cond = self.cond[index].repeat(2)
         mse_w, mse_l = denoising_mse(self.unet, self.pipe.scheduler, x0, cond, t, noise).chunk(2)
@@ -257,4 +284,4 @@ class DiffusionDPO(PolicyModule):
         loss = -F.logsigmoid(self.cfg.diffusion_dpo.beta * inner).mean()
         self.log("loss", loss, prog_bar=True)
         self.log("implicit_accuracy", (inner > 0).float().mean())
-        return loss
+        return loss * self.share(len(index), total)

@@ -260,9 +260,24 @@ def trainer_for(cfg, steps: int, callbacks: list) -> tuple[L.Trainer, torch.util
         max_steps=steps, accelerator=cfg.accelerator, devices=cfg.devices, strategy=cfg.strategy,
         num_nodes=cfg.num_nodes, precision=cfg.precision, accumulate_grad_batches=cfg.accumulate_grad_batches,
         gradient_clip_val=cfg.gradient_clip, logger=False, enable_model_summary=False, num_sanity_val_steps=0,
+        use_distributed_sampler=False,  # the loader only counts steps: every process counts them all
         enable_checkpointing=any(isinstance(c, L.pytorch.callbacks.ModelCheckpoint) for c in callbacks),
         callbacks=[*callbacks, *progress_callbacks(f"finetune ({cfg.method})")], enable_progress_bar=on_terminal())
     return trainer, torch.utils.data.DataLoader(range(steps * cfg.accumulate_grad_batches), batch_size=1)
+
+
+def examples_per_process(module, trainer) -> dict:
+    """How the training examples were split over the processes: the number each trained on,
+    and how many (micro-batch, example) it shared with another process (0: data parallel)."""
+    seen = [module.seen]
+    if trainer.world_size > 1:
+        import torch.distributed as dist
+
+        seen = [None] * trainer.world_size
+        dist.all_gather_object(seen, module.seen)
+    counts = [len(s) for s in seen]
+    distinct = len(set().union(*map(set, seen)))
+    return {"count": trainer.world_size, "examples": counts, "examples_in_two_processes": sum(counts) - distinct}
 
 
 def finetune(project: Project) -> dict:
@@ -289,9 +304,13 @@ def finetune(project: Project) -> dict:
                                                       save_top_k=0)
     trainer, loader = trainer_for(cfg, steps, [checkpoints, curve])
     trainer.fit(module, loader, ckpt_path=str(last) if last.exists() else None)
+    per_process = examples_per_process(module, trainer)
+    if not trainer.is_global_zero:  # the processes hold the same weights: one writes them
+        return {}
 
     relative_base = where if isinstance(where, str) else os.path.relpath(where, root / CANDIDATE_OUT)
-    description = {"method": cfg.method, "base_version": base_version, "steps": steps, "data": data}
+    description = {"method": cfg.method, "base_version": base_version, "steps": steps, "data": data,
+                   "processes": per_process}
     save_candidate(pipe, root / CANDIDATE_OUT, cfg.lora, relative_base, description)
     final = {k: v for k, v in (curve.rows[-1] if curve.rows else {}).items() if v != ""}
     report = {**description, "final": final}
@@ -304,6 +323,8 @@ def finetune(project: Project) -> dict:
 
 def _stage(project: Project) -> str:
     report = finetune(project)
+    if not report:
+        return ""
     return f"{report['method']}: {report['steps']} steps on {json.dumps(report['data'])}; final {report['final']}"
 
 
