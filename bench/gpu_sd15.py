@@ -1,14 +1,16 @@
-"""GPU proof of the sd15 code path at SD1.5's resolution (512×512 images, 4×64×64 latents).
+"""GPU proof of the sd15 (and, through bench/gpu_sdxl.py, sdxl) code path at the profile's
+resolution (SD1.5: 512×512 images, 4×64×64 latents).
 
     .venv/bin/python bench/gpu_sd15.py                          # on a GPU machine
     .venv/bin/python bench/gpu_sd15.py --size 64 --steps 4      # CPU smoke test of the same path
+    .venv/bin/python bench/gpu_sdxl.py --size 64 --steps 4      # the same for SDXL
 
 A tiny SD1.5-shaped model built from configs (no download, no services), driven by the
 project's own code with the sd15 profile's params: generation with recorded trajectories
 (sampling.sample, weights in sample.dtype), then one D3PO and one PRDP optimiser step
 through Lightning (finetune.precision, LoRA, gradient checkpointing). Numbers measure the
 pipeline's plumbing at realistic tensor sizes, not SD1.5's FLOPs. Appends the run to
-bench/results/gpu_sd15.jsonl.
+bench/results/gpu_<profile>.jsonl.
 """
 
 from __future__ import annotations
@@ -33,19 +35,19 @@ from components.config import parse_params  # noqa: E402
 from components.finetune import methods  # noqa: E402
 from components.finetune.stage import trainer_for  # noqa: E402
 from components.sampling import SamplerConfig, sample  # noqa: E402
-from tests.models import save_tiny_clip, save_tiny_stable_diffusion  # noqa: E402
+from tests.models import save_tiny_clip, save_tiny_sdxl, save_tiny_stable_diffusion  # noqa: E402
 
-RESULTS = REPO / "bench" / "results" / "gpu_sd15.jsonl"
+BUILDERS = {"sd15": save_tiny_stable_diffusion, "sdxl": save_tiny_sdxl}
 PROMPTS = ["two red circles on a white background", "one blue square on a black background"]
 
 
-def sd15_params(model_dir: Path, steps: int, on_gpu: bool):
+def profile_params(profile: str, model_dir: Path, steps: int, on_gpu: bool):
     data = yaml.safe_load((REPO / "params.yaml").read_text())
-    data["profile"] = "sd15"
-    data["models"]["sd15"] = {"path": str(model_dir), "repo_id": None, "revision": None}
+    data["profile"] = profile
+    data["models"][profile] = {"path": str(model_dir), "repo_id": None, "revision": None}
     data["models"]["clip"] = {"path": str(model_dir.parent / "tiny-clip"), "repo_id": None, "revision": None}
-    data["profiles"]["sd15"]["sample"]["steps"] = steps
-    finetune = data["profiles"]["sd15"]["finetune"]
+    data["profiles"][profile]["sample"]["steps"] = steps
+    finetune = data["profiles"][profile]["finetune"]
     finetune["prdp"].update(prompts_per_epoch=2, images_per_prompt=2, updates_per_epoch=1)
     if not on_gpu:  # the smoke test: same code, CPU engineering
         finetune.update(accelerator="cpu", precision="32-true")
@@ -75,19 +77,21 @@ def one_step(module) -> float:
     return float(trainer.callback_metrics["loss"])
 
 
-def main() -> int:
+def main(profile: str = "sd15") -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--size", type=int, default=512, help="image side (512: 64×64 latents, as SD1.5)")
+    ap.add_argument("--size", type=int, default=512 if profile == "sd15" else 1024,
+                    help="image side (512: 64×64 latents, as SD1.5; 1024: 128×128, as SDXL)")
     ap.add_argument("--steps", type=int, default=20, help="denoising steps")
     ap.add_argument("--pairs", type=int, default=4, help="D3PO pairs (images share x_T in twos)")
     args = ap.parse_args()
     on_gpu = torch.cuda.is_available()
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = save_tiny_stable_diffusion(Path(tmp) / "tiny-sd15", image_size=args.size)
+        model_dir = BUILDERS[profile](Path(tmp) / f"tiny-{profile}", image_size=args.size)
         save_tiny_clip(Path(tmp) / "tiny-clip")
-        params = sd15_params(model_dir, args.steps, on_gpu)
+        params = profile_params(profile, model_dir, args.steps, on_gpu)
         sampler = SamplerConfig.from_params(params.sample)
-        result = {"device": torch.cuda.get_device_name() if on_gpu else platform.processor() or "cpu",
+        result = {"profile": profile,
+                  "device": torch.cuda.get_device_name() if on_gpu else platform.processor() or "cpu",
                   "torch": torch.__version__, "size": args.size, "steps": args.steps,
                   "sample_dtype": params.sample.dtype if on_gpu else "float32",
                   "precision": params.finetune.precision, "lora_rank": params.finetune.lora.rank,
@@ -116,8 +120,9 @@ def main() -> int:
         if on_gpu:
             result["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     assert np.isfinite([result["d3po_loss"], result["prdp_loss"]]).all(), result
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with RESULTS.open("a") as fh:
+    results = REPO / "bench" / "results" / f"gpu_{profile}.jsonl"
+    results.parent.mkdir(parents=True, exist_ok=True)
+    with results.open("a") as fh:
         fh.write(json.dumps(result) + "\n")
     print(json.dumps(result, indent=2))
     return 0

@@ -1,12 +1,13 @@
 """Benchmark: incremental sync of a few new labels in a Label Studio project holding 10,000.
 
-    .venv/bin/aligndiff up && .venv/bin/python bench/sync_incremental.py [--annotations 10000] [--new 10]
+    .venv/bin/aligndiff up && .venv/bin/python bench/sync_incremental.py [--annotations 10000] [--new 10 100 1000]
 
 In a scratch project on the running embedded services (its own Label Studio namespace):
 imports ``--annotations`` binary tasks, each with one annotation (Label Studio's import
 takes annotations inline, so building the project is fast), syncs them all once, then
 submits ``--new`` annotations through the API like an annotator and times the
-incremental sync. Prints JSON: seconds for the full and the incremental sync.
+incremental sync after each batch. Appends the seconds of the full sync and of each
+incremental one to bench/results/sync_incremental.jsonl.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from components.annotation.labeling import make_result  # noqa: E402
 from components.annotation.sync import sync  # noqa: E402
 from components.project import Project  # noqa: E402
 
+RESULTS = REPO / "bench" / "results" / "sync_incremental.jsonl"
+
 
 def scratch_project(root: Path) -> Project:
     shutil.rmtree(root, ignore_errors=True)
@@ -45,15 +48,22 @@ def scratch_project(root: Path) -> Project:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--annotations", type=int, default=10_000)
-    ap.add_argument("--new", type=int, default=10)
+    ap.add_argument("--new", type=int, nargs="+", default=[10, 100, 1000],
+                    help="new labels before each incremental sync (one sync per value)")
     args = ap.parse_args()
     project = scratch_project(REPO / ".aligndiff" / "bench" / "sync")
     client = studio.client_for(project)
     project_id = studio.ensure_project(client, project, "binary", 2)
     result = make_result("binary", "good")
-    tasks = [{"data": {"prompt": f"prompt {i}", "external_id": f"bench-{i}", "generation_ids": [f"g{i}"],
-                       "image_0": "s3://none/none.png"},
-              "annotations": [{"result": result}]} for i in range(args.annotations + args.new)]
+
+    def task(i: int, labelled: bool) -> dict:
+        data = {"prompt": f"prompt {i}", "external_id": f"bench-{i}", "generation_ids": [f"g{i}"],
+                "image_0": "s3://none/none.png"}
+        return {"data": data, **({"annotations": [{"result": result}]} if labelled else {})}
+
+    # Label Studio imports annotations inline: the labelled project is built fast; the tasks
+    # labelled "later" come without
+    tasks = [task(i, i < args.annotations) for i in range(args.annotations + sum(args.new))]
     start = time.perf_counter()
     ids = []
     for chunk in range(0, len(tasks), 1000):
@@ -61,23 +71,23 @@ def main() -> None:
                                                 return_task_ids=True)
         ids += list(response.task_ids or [])
     built = time.perf_counter() - start
-    # the last --new tasks lose their imported annotation, to be labelled "later"
-    for task_id in ids[-args.new:]:
-        for annotation in client.annotations.list(id=task_id):
-            client.annotations.delete(id=annotation.id)
 
     start = time.perf_counter()
     first = sync(project, project_id, "binary", 2, client=client)
-    full = time.perf_counter() - start
-    time.sleep(1.1)  # the watermark has one-second resolution
-    for task_id in ids[-args.new:]:
-        client.annotations.create(id=task_id, result=result)
-    start = time.perf_counter()
-    second = sync(project, project_id, "binary", 2, client=client)
-    incremental = time.perf_counter() - start
-    print(json.dumps({"annotations": args.annotations, "new": args.new, "build_s": round(built, 1),
-                      "full_sync_s": round(full, 2), "full_sync": first,
-                      "incremental_sync_s": round(incremental, 2), "incremental_sync": second}, default=str))
+    row = {"annotations": args.annotations, "build_s": round(built, 1), "full_sync_s": round(time.perf_counter() - start, 2),
+           "full_sync": first, "incremental": []}
+    unlabelled = iter(ids[args.annotations:])
+    for n in args.new:
+        time.sleep(1.1)  # past the second of the last sync's clock reading
+        for _ in range(n):
+            client.annotations.create(id=next(unlabelled), result=result)
+        start = time.perf_counter()
+        counts = sync(project, project_id, "binary", 2, client=client)
+        row["incremental"].append({"new": n, "seconds": round(time.perf_counter() - start, 2), "sync": counts})
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    with RESULTS.open("a") as fh:
+        fh.write(json.dumps(row, default=str) + "\n")
+    print(json.dumps(row, default=str, indent=2))
 
 
 if __name__ == "__main__":
