@@ -1,16 +1,17 @@
 """GPU proof of the sd15 (and, through bench/gpu_sdxl.py, sdxl) code path at the profile's
 resolution (SD1.5: 512×512 images, 4×64×64 latents).
 
-    .venv/bin/python bench/gpu_sd15.py                          # on a GPU machine
-    .venv/bin/python bench/gpu_sd15.py --size 64 --steps 4      # CPU smoke test of the same path
-    .venv/bin/python bench/gpu_sdxl.py --size 64 --steps 4      # the same for SDXL
+    .venv/bin/python bench/gpu_sd15.py                                  # on a GPU machine
+    .venv/bin/python bench/gpu_sd15.py --size 64 --steps 4 --model tiny # CPU smoke test of the same path
+    .venv/bin/python bench/gpu_sdxl.py --size 64 --steps 4 --model tiny # the same for SDXL
 
-A tiny SD1.5-shaped model built from configs (no download, no services), driven by the
-project's own code with the sd15 profile's params: generation with recorded trajectories
+The profile's real architecture with random weights (bench/sd_sized.py: SD1.5's 860M or
+SDXL's 2.6B-parameter UNet and their text towers; no download, no services), driven by the
+project's own code with the profile's params: generation with recorded trajectories
 (sampling.sample, weights in sample.dtype), then one D3PO and one PRDP optimiser step
-through Lightning (finetune.precision, LoRA, gradient checkpointing). Numbers measure the
-pipeline's plumbing at realistic tensor sizes, not SD1.5's FLOPs. Appends the run to
-bench/results/gpu_<profile>.jsonl.
+through Lightning (finetune.precision, LoRA, gradient checkpointing). Records seconds,
+images/s, peak GPU memory per phase and FLOPs utilisation against the card's bf16 peak
+(bench/results/gpu_<profile>.jsonl). ``--model tiny`` swaps in the tests' tiny model.
 """
 
 from __future__ import annotations
@@ -64,9 +65,8 @@ def timed(fn):
     return out, round(time.perf_counter() - t0, 3)
 
 
-def generate(model_dir: Path, params, sampler: SamplerConfig, n: int):
+def generate(pipe, sampler: SamplerConfig, n: int):
     """n images in pairs that share x_T, with trajectories, as the generate stage samples them."""
-    pipe = models.on_accelerator(models.load_pipeline(model_dir), params.sample.dtype)
     prompts = [PROMPTS[i // 2 % len(PROMPTS)] for i in range(n)]
     return sample(pipe, prompts, list(range(n)), sampler, init_seeds=[i // 2 for i in range(n)])
 
@@ -77,20 +77,63 @@ def one_step(module) -> float:
     return float(trainer.callback_metrics["loss"])
 
 
+# Dense bf16 tensor-core peaks (FLOP/s) of the cards we expect; others report no utilisation.
+PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L40S": 362e12}
+
+
+def peak_flops() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((peak for card, peak in PEAK_BF16.items() if card in name), None)
+
+
+def measure(name: str, fn, result: dict, count_flops: bool):
+    """Time ``fn`` and record its seconds, peak GPU memory and (from a second, counted run)
+    FLOPs utilisation against the card's peak. Counted FLOPs include what gradient
+    checkpointing recomputes (hardware FLOPs), so training utilisations are upper bounds of MFU."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    out, seconds = timed(fn)
+    result[f"{name}_s"] = seconds
+    if torch.cuda.is_available():
+        result[f"{name}_peak_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    if count_flops:
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        flops = counter.get_total_flops()
+        result[f"{name}_gflop"] = round(flops / 1e9, 1)
+        if peak_flops():
+            result[f"{name}_flops_utilisation"] = round(flops / seconds / peak_flops(), 3)
+    return out
+
+
 def main(profile: str = "sd15") -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", type=int, default=512 if profile == "sd15" else 1024,
                     help="image side (512: 64×64 latents, as SD1.5; 1024: 128×128, as SDXL)")
     ap.add_argument("--steps", type=int, default=20, help="denoising steps")
     ap.add_argument("--pairs", type=int, default=4, help="D3PO pairs (images share x_T in twos)")
+    ap.add_argument("--model", choices=["full", "tiny"], default="full",
+                    help="full: the profile's real architecture, random weights; tiny: the tests' model")
     args = ap.parse_args()
     on_gpu = torch.cuda.is_available()
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = BUILDERS[profile](Path(tmp) / f"tiny-{profile}", image_size=args.size)
+        model_dir = Path(tmp) / f"{args.model}-{profile}"
+        if args.model == "full":
+            from sd_sized import save_sd_sized
+
+            save_sd_sized(profile, model_dir, args.size)
+        else:
+            BUILDERS[profile](model_dir, image_size=args.size)
         save_tiny_clip(Path(tmp) / "tiny-clip")
         params = profile_params(profile, model_dir, args.steps, on_gpu)
         sampler = SamplerConfig.from_params(params.sample)
-        result = {"profile": profile,
+        pipe = models.on_accelerator(models.load_pipeline(model_dir), params.sample.dtype)
+        result = {"profile": profile, "model": args.model,
+                  "unet_params_M": round(sum(p.numel() for p in pipe.unet.parameters()) / 1e6, 1),
                   "device": torch.cuda.get_device_name() if on_gpu else platform.processor() or "cpu",
                   "torch": torch.__version__, "size": args.size, "steps": args.steps,
                   "sample_dtype": params.sample.dtype if on_gpu else "float32",
@@ -98,17 +141,20 @@ def main(profile: str = "sd15") -> int:
                   "gradient_checkpointing": params.finetune.gradient_checkpointing}
 
         n = 2 * args.pairs
-        traj, result["generate_s"] = timed(lambda: generate(model_dir, params, sampler, n))
+        generate(pipe, SamplerConfig(steps=2), 2)  # warm-up: kernels chosen, memory pools grown
+        traj = measure("generate", lambda: generate(pipe, sampler, n), result, count_flops=True)
         assert traj.images.shape == (n, args.size, args.size, 3), traj.images.shape
         assert traj.latents.shape[1:] == (args.steps + 1, 4, args.size // 8, args.size // 8), traj.latents.shape
         result["images_per_s"] = round(n / result["generate_s"], 2)
         result["trajectory_mb"] = round(traj.latents[0].numel() * 4 / 2**20, 2)
+        del pipe
 
         pairs = methods.TrajectoryPairs.of(traj, winner=range(0, n, 2), loser=range(1, n, 2))
         d3po = methods.D3PO(models.on_accelerator(models.load_pipeline(model_dir)), params.finetune, params.seed,
                             pairs, sampler)
         d3po.schedule = [np.arange(args.pairs)]
-        result["d3po_loss"], result["d3po_step_s"] = timed(lambda: one_step(d3po))
+        result["d3po_loss"] = measure("d3po_step", lambda: one_step(d3po), result, count_flops=False)
+        del d3po
 
         def brightness(images: np.ndarray, _prompts: list[str]) -> np.ndarray:  # any callable reward
             return images.reshape(len(images), -1).mean(axis=1) / 255.0
@@ -116,9 +162,7 @@ def main(profile: str = "sd15") -> int:
         prdp = methods.PRDP(models.on_accelerator(models.load_pipeline(model_dir)), params.finetune, params.seed,
                             PROMPTS, brightness, sampler)
         prdp.schedule = [np.zeros(0, int)]
-        result["prdp_loss"], result["prdp_step_s"] = timed(lambda: one_step(prdp))
-        if on_gpu:
-            result["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        result["prdp_loss"] = measure("prdp_step", lambda: one_step(prdp), result, count_flops=False)
     assert np.isfinite([result["d3po_loss"], result["prdp_loss"]]).all(), result
     results = REPO / "bench" / "results" / f"gpu_{profile}.jsonl"
     results.parent.mkdir(parents=True, exist_ok=True)
