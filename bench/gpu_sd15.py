@@ -22,6 +22,7 @@ import platform
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -142,7 +143,7 @@ def main(profile: str = "sd15") -> int:
 
         n = 2 * args.pairs
         generate(pipe, SamplerConfig(steps=2), 2)  # warm-up: kernels chosen, memory pools grown
-        traj = measure("generate", lambda: generate(pipe, sampler, n), result, count_flops=True)
+        traj = measure("generate", partial(generate, pipe, sampler, n), result, count_flops=True)
         assert traj.images.shape == (n, args.size, args.size, 3), traj.images.shape
         assert traj.latents.shape[1:] == (args.steps + 1, 4, args.size // 8, args.size // 8), traj.latents.shape
         result["images_per_s"] = round(n / result["generate_s"], 2)
@@ -153,7 +154,7 @@ def main(profile: str = "sd15") -> int:
         d3po = methods.D3PO(models.on_accelerator(models.load_pipeline(model_dir)), params.finetune, params.seed,
                             pairs, sampler)
         d3po.schedule = [np.arange(args.pairs)]
-        result["d3po_loss"] = measure("d3po_step", lambda: one_step(d3po), result, count_flops=False)
+        result["d3po_loss"] = measure("d3po_step", partial(one_step, d3po), result, count_flops=False)
         del d3po
 
         def brightness(images: np.ndarray, _prompts: list[str]) -> np.ndarray:  # any callable reward
@@ -162,7 +163,7 @@ def main(profile: str = "sd15") -> int:
         prdp = methods.PRDP(models.on_accelerator(models.load_pipeline(model_dir)), params.finetune, params.seed,
                             PROMPTS, brightness, sampler)
         prdp.schedule = [np.zeros(0, int)]
-        result["prdp_loss"] = measure("prdp_step", lambda: one_step(prdp), result, count_flops=False)
+        result["prdp_loss"] = measure("prdp_step", partial(one_step, prdp), result, count_flops=False)
     assert np.isfinite([result["d3po_loss"], result["prdp_loss"]]).all(), result
     results = REPO / "bench" / "results" / f"gpu_{profile}.jsonl"
     results.parent.mkdir(parents=True, exist_ok=True)

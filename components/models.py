@@ -64,18 +64,23 @@ def _not_the_text_encoder_lora_note(record) -> bool:
     return "No LoRA keys associated to" not in record.getMessage()
 
 
+def quiet_model_io() -> None:
+    """No "Loading pipeline components…", "Loading weights" or "Writing model shards" bars:
+    on every load and save they say nothing the stage's own lines do not."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
 def load_pipeline(where: Path | str, dtype=None):
     import logging
 
     import torch
     from diffusers import DiffusionPipeline
-    from diffusers.utils import logging as diffusers_logging
 
-    from transformers.utils import logging as transformers_logging
-
-    # "Loading pipeline components…" and "Loading weights" bars on every load say nothing
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
+    quiet_model_io()
     logging.getLogger("diffusers.loaders.lora_base").addFilter(_not_the_text_encoder_lora_note)  # added once
     dtype = dtype or torch.float32
     if isinstance(where, str):

@@ -24,8 +24,8 @@ def report_errors(lines: list[str]) -> None:
 
 def quiet_library_noise() -> None:
     """Drop messages every Lightning run printed that say nothing about the run: an advert
-    for a cloud logger, its accelerator inventory, its note on modules in eval mode, and a
-    torch deprecation inside Lightning's own code."""
+    for a cloud logger, its accelerator inventory, its note on modules in eval mode, that
+    it stopped at max_steps, and a torch deprecation inside Lightning's own code."""
     import logging
     import warnings
 
@@ -35,7 +35,7 @@ def quiet_library_noise() -> None:
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
         lambda record: not record.getMessage().startswith(("💡 Tip", "GPU available: ", "TPU available: ",
-                                                             "HPU available: ")))
+                                                             "HPU available: ", "`Trainer.fit` stopped: ")))
 
 
 def run_stage(name: str, body: Callable[[Project], str]) -> int:

@@ -106,7 +106,7 @@ def sdxl_project(stack_project, tmp_path_factory):
 
     def edit(params):
         _tiny(params)
-        params["generate"]["splits"] = ["train", "eval"]
+        params["generate"].update(splits=["train", "eval"], images_per_prompt=2)  # a pair per prompt
         params["evaluate"].update(max_prompts=3, images_per_prompt=2, grid_prompts=2)
         params["profile"] = "sdxl"
         params["models"].update(sdxl={"path": str(model_dir)}, clip={"path": str(clip_dir)})
@@ -133,7 +133,7 @@ def test_sdxl_generations_record_the_conditioning_they_were_sampled_with(sdxl_pr
     project, _ = sdxl_project
     gens = feedback.generations(project.root)
     data = load_trajectory(project.object_store().get_bytes(gens.iloc[0]["trajectory_key"]))
-    assert data["latents"].shape == (4, 4, 8, 8)  # x_T … x_0 of 3 steps, latent space
+    assert len(gens) == 96 * 2 and data["latents"].shape == (4, 4, 8, 8)  # x_T … x_0 of 3 steps, latent space
     assert data["prompt_pooled"].shape == data["negative_pooled"].shape == (32,)
     assert data["prompt_time_ids"].tolist() == [32, 32, 0, 0, 32, 32]
     assert json.loads((project.root / "models/reward/config.json").read_text())["_class_name"] == "ClipRewardHead"

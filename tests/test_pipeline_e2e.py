@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -52,7 +53,20 @@ def pipeline_project(stack_project, tmp_path):
 def test_reproduce_builds_every_stage_then_does_nothing(pipeline_project, prefect_api):
     from flows.pipeline import reproduce
 
-    first = reproduce(root=str(pipeline_project))
+    # the first run as a user starts it, to read what they read
+    shown = run([sys.executable, "-m", "flows.cli", "--project", str(pipeline_project), "run", "reproduce"],
+                pipeline_project)
+    log, result = shown.stdout[:shown.stdout.rindex("\n{\n") + 1], shown.stdout[shown.stdout.rindex("\n{\n") + 1:]
+    first = json.loads(result)
+    lines = [re.sub(r"^\d\d:\d\d:\d\d\.\d+ \| ", "", line).strip()
+             for line in (log + shown.stderr).splitlines() if line.strip()]
+    assert [line for line in set(lines) if lines.count(line) > 1] == []  # nothing said twice
+    for stage in first["stages_run"]:
+        assert sum(line.endswith(f" - {stage}: started") for line in lines) == 1, lines
+        assert sum(f" - {stage}: done in " in line for line in lines) == 1, lines
+    noise = ("To track the changes with git", "To enable auto staging", "Writing model shards",
+             "Loading pipeline components", "`Trainer.fit` stopped", "Tip:")
+    assert [line for line in lines if line.startswith(noise) or any(n in line for n in noise)] == []
     assert set(first["stages_run"]) == {"curate", "pretrain", "evaluate_base", "generate"}
     # the retrain stages wait for the first label snapshot
     assert first["skipped"] == dict.fromkeys(["validate", "train_reward", "finetune", "evaluate", "gate"],
@@ -225,3 +239,15 @@ def test_label_studio_round_then_retrain_promotes_a_tagged_model(stack_project, 
     lock = (root / "dvc.lock").read_text()
     run([sys.executable, "-m", "dvc", "repro", "--force", "-q"], root, env=dvc_env(project))
     assert (root / "dvc.lock").read_text() == lock
+
+    # an experiment over params, as DVC users queue them: only the stages downstream of the
+    # changed param run, and `dvc exp show` lists it with its params and metrics
+    run([sys.executable, "-m", "dvc", "exp", "run", "-S", "finetune.method=diffusion_dpo", "-n", "dpo"], root,
+        env=dvc_env(project))
+    shown = json.loads(run([sys.executable, "-m", "dvc", "exp", "show", "--json"], root, env=dvc_env(project)).stdout)
+    experiments = {e["name"]: e["revs"][0]["data"] for b in shown for e in (b.get("experiments") or [])}
+    assert set(experiments) == {"dpo"}, experiments
+    exp = experiments["dpo"]
+    assert exp["params"]["params.yaml"]["data"]["finetune"]["method"] == "diffusion_dpo"
+    assert exp["metrics"]["reports/finetune.json"]["data"]["method"] == "diffusion_dpo"
+    assert "passed" in exp["metrics"]["reports/gate.json"]["data"]

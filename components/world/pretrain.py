@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from components.config import Params, PretrainParams
+from components.models import quiet_model_io
 from components.progress import on_terminal, progress_callbacks
 from components.sampling import SamplerConfig, derive_seed
 from components.stage import run_stage
@@ -206,6 +207,7 @@ def pretrain(params: Params, root: Path, state_dir: Path) -> dict:
     out = root / MODEL_OUT
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    quiet_model_io()
     module.ema_pipeline().save_pretrained(tmp)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
