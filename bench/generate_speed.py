@@ -21,7 +21,8 @@ from components import generate
 from components.config import load_params
 from components.sampling import SamplerConfig, sample
 from components.world.grammar import all_compositions
-from components.world.model import WorldPipeline
+from components.models import load_pipeline
+from components.world.model import untrained
 
 
 def main() -> None:
@@ -33,7 +34,7 @@ def main() -> None:
     params = load_params("params.yaml")
     torch.set_num_threads(params.pretrain.threads)
     base = Path("models/base")
-    pipe = WorldPipeline.trained_or_untrained(base, params.world.model)
+    pipe = load_pipeline(base) if (base / "model_index.json").exists() else untrained(params.world)[0]
     prompts = [c.prompt for c in all_compositions()][: args.batch]
     config = SamplerConfig(steps=args.steps, guidance_scale=params.sample.guidance_scale, eta=1.0)
     sample(pipe, prompts[:2], [0, 1], SamplerConfig(steps=2))  # warm-up

@@ -102,13 +102,14 @@ def continued_pretraining(project: Project, minutes: float) -> tuple[object, int
     the EMA weights are evaluated, as for the base."""
     import lightning as L
 
-    from components.world.pretrain import PretrainModule
+    from components.world.pretrain import PretrainModule, load_parts
 
     params = project.params
     cfg = params.pretrain.model_copy(update={"lr": 1e-4, "warmup_steps": 1, "steps": 10**6,
                                             "shape_weight_steps": 0})
     params = params.model_copy(update={"seed": params.seed + 1, "pretrain": cfg})
-    module = PretrainModule(models.load_pipeline(models.resolve(project, "base")), params)
+    base = models.load_pipeline(models.resolve(project, "base"))
+    module = PretrainModule(*load_parts(project.root), params, unet=base.unet)
     trainer = L.Trainer(max_time={"minutes": minutes}, max_steps=-1, accelerator="cpu", logger=False,
                         enable_checkpointing=False, enable_model_summary=False)
     trainer.fit(module, torch.utils.data.DataLoader(range(10**6), batch_size=1))
@@ -120,12 +121,12 @@ def pretraining_term_only(project: Project):
     feedback weight zero), with the same LoRA, learning rate and steps."""
     from components.finetune import methods
     from components.finetune.stage import encode_text, prior_batches, trainer_for
-    from components.world.render import IMAGE_SIZE
+    from components.sampling import sample_shape
 
     params = project.params
     cfg = params.finetune
     pipe = models.load_pipeline(models.resolve(project, "base"))
-    module = methods.RewardWeighted(pipe, cfg, params.seed, torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE),
+    module = methods.RewardWeighted(pipe, cfg, params.seed, torch.zeros(1, *sample_shape(pipe)),
                                     encode_text(pipe, ["one red circle on a white background"]), torch.zeros(1),
                                     prior_batches(project, pipe, None, None))
     module.schedule = [np.zeros(1, int)]

@@ -23,7 +23,8 @@ from components.config import load_params
 from components.finetune import methods
 from components.sampling import SamplerConfig
 from components.world.grammar import all_compositions
-from components.world.model import WorldPipeline
+from components.models import load_pipeline
+from components.world.model import untrained
 
 
 def peak_mib() -> int:
@@ -34,7 +35,8 @@ def main() -> None:
     params = load_params("params.yaml")
     cfg = params.finetune
     torch.set_num_threads(cfg.threads)
-    pipe = WorldPipeline.trained_or_untrained(Path("models/base"), params.world.model)
+    base = Path("models/base")
+    pipe = load_pipeline(base) if (base / "model_index.json").exists() else untrained(params.world)[0]
     prompts = [c.prompt for c in all_compositions()]
     rng = np.random.default_rng(0)
     module = methods.PRDP(pipe, cfg, params.seed, prompts, lambda images, _: rng.random(len(images)),

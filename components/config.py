@@ -135,19 +135,40 @@ class Models(_Strict):
     clip: ModelSource = ModelSource(repo_id="openai/clip-vit-large-patch14")  # sd15/sdxl reward encoders
 
 
-class WorldModelParams(_Strict):
-    channels: list[int] = Field([16, 32, 64], min_length=2, max_length=4)
-    layers_per_block: int = Field(1, ge=1, le=3)
-    text_dim: int = Field(64, ge=8)
-    text_layers: int = Field(2, ge=1, le=6)
-    # Self-attention only at feature maps this small or smaller; larger ones keep
-    # cross-attention only (self-attention over 16×16 tokens doubles the step time).
-    self_attention_max_resolution: int = Field(8, ge=1, le=32)
+def _multiples_of_8(values: list[int], what: str) -> None:
+    if any(v % 8 for v in values):
+        raise ValueError(f"{what} must be multiples of 8 (group norm and attention heads)")
+
+
+class WorldVaeParams(_Strict):
+    # one ×2 down-sampling per level after the first: 3 levels → 32×32×3 images, 8×8×4 latents
+    channels: list[int] = Field([16, 48, 48], min_length=2, max_length=4)
 
     @model_validator(mode="after")
-    def _divisible(self) -> WorldModelParams:
-        if any(c % 8 for c in self.channels) or self.text_dim % 8:
-            raise ValueError("channels and text_dim must be multiples of 8 (group norm and attention heads)")
+    def _divisible(self) -> WorldVaeParams:
+        _multiples_of_8(self.channels, "world.vae.channels")
+        return self
+
+
+class WorldClipParams(_Strict):
+    width: int = Field(64, ge=8)  # both towers and the joint embedding
+    text_layers: int = Field(2, ge=1, le=6)
+    vision_layers: int = Field(3, ge=1, le=6)
+    patch_size: int = Field(4, ge=1, le=32)  # 4 px patches: 64 image tokens at 32×32
+
+    @model_validator(mode="after")
+    def _divisible(self) -> WorldClipParams:
+        _multiples_of_8([self.width], "world.clip.width")
+        return self
+
+
+class WorldUnetParams(_Strict):
+    channels: list[int] = Field([64, 128], min_length=2, max_length=4)
+    layers_per_block: int = Field(1, ge=1, le=3)
+
+    @model_validator(mode="after")
+    def _divisible(self) -> WorldUnetParams:
+        _multiples_of_8(self.channels, "world.unet.channels")
         return self
 
 
@@ -155,7 +176,9 @@ class WorldParams(_Strict):
     # count×colour pairs ("two blue") never shown in pre-training: held-out
     # alignment on them measures generalisation.
     holdout: list[str] = ["two blue", "four red", "one yellow", "three green"]
-    model: WorldModelParams = WorldModelParams()
+    vae: WorldVaeParams = WorldVaeParams()
+    clip: WorldClipParams = WorldClipParams()
+    unet: WorldUnetParams = WorldUnetParams()
 
     @model_validator(mode="after")
     def _known_pairs(self) -> WorldParams:
@@ -189,8 +212,27 @@ class CaptionNoise(_Strict):
     wrong_background: float = Field(0.20, ge=0, le=1)
 
 
+class PretrainVaeParams(_Strict):
+    steps: int = Field(2000, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(2e-3, gt=0, le=1)
+    kl_weight: float = Field(1e-6, ge=0)  # as SD's VAE: a near-deterministic autoencoder, latents kept near N(0, σ²)
+    edge_weight: float = Field(8.0, ge=1)  # L1 weight of shape edges, corners and the gaps between shapes
+    judge_images: int = Field(1000, ge=1)  # fresh renders the judge checks after the round trip
+    checkpoint_every: int = Field(100, ge=1)
+    threads: int = Field(2, ge=1)
+
+
+class PretrainClipParams(_Strict):
+    steps: int = Field(1500, ge=1)
+    batch_size: int = Field(128, ge=2)
+    lr: float = Field(1e-3, gt=0, le=1)
+    checkpoint_every: int = Field(100, ge=1)
+    threads: int = Field(2, ge=1)
+
+
 class PretrainParams(_Strict):
-    steps: int = Field(1600, ge=1)
+    steps: int = Field(1200, ge=1)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(1e-3, gt=0, le=1)
     warmup_steps: int = Field(50, ge=0)
@@ -198,9 +240,9 @@ class PretrainParams(_Strict):
     cfg_dropout: float = Field(0.1, ge=0, lt=1)
     min_snr_gamma: float = Field(5.0, gt=0)
     shape_weight: float = Field(8.0, ge=1)  # loss weight of the pixels where a square and a circle differ
-    shape_weight_steps: int = Field(1000, ge=0)  # steps that weight them; the rest train on the plain loss
+    shape_weight_steps: int = Field(750, ge=0)  # steps that weight them; the rest train on the plain loss
     caption_noise: CaptionNoise = CaptionNoise()
-    probe_every: int = Field(200, ge=1)  # steps between alignment probes (the training curve)
+    probe_every: int = Field(400, ge=1)  # steps between alignment probes (the training curve)
     probe_images_per_composition: int = Field(1, ge=1)
     checkpoint_every: int = Field(50, ge=1)
     threads: int = Field(2, ge=1)
@@ -294,7 +336,7 @@ class PrdpParams(_Strict):
 
 class RewardWeightedParams(_Strict):
     lr: float = Field(1e-3, gt=0, le=1)
-    steps: int = Field(800, ge=1)
+    steps: int = Field(1500, ge=1)
     batch_size: int = Field(32, ge=1)
     pretrain_weight: float = Field(0.0, ge=0)  # β of the pre-training term
     # unlabelled generations count as good when the reward model says so (semi-supervised)
@@ -380,6 +422,8 @@ class Params(_Strict):
     models: Models = Models()
     world: WorldParams = WorldParams()
     curate: CurateParams = CurateParams()
+    pretrain_vae: PretrainVaeParams = PretrainVaeParams()
+    pretrain_clip: PretrainClipParams = PretrainClipParams()
     pretrain: PretrainParams = PretrainParams()
     sample: SampleParams = SampleParams()
     evaluate_base: EvaluateBaseParams = EvaluateBaseParams()

@@ -1,6 +1,6 @@
 """Which text-to-image pipeline a stage uses, and a stable version string for it.
 
-- world profile: ``models/base`` (built by the ``pretrain`` stage), a ``WorldPipeline``;
+- world profile: ``models/base`` (built by the ``pretrain`` stage), a ``StableDiffusionPipeline``;
 - sd15 / sdxl: a diffusers checkpoint from a local directory, or a hub repo at a pinned
   40-hex revision, always loaded with ``local_files_only`` (no network at run time).
 
@@ -110,10 +110,6 @@ def load_pipeline(where: Path | str, dtype=None):
             raise UserError(f"{where}: the pipeline's {name} ({spec[1]}) is missing: expected the folder "
                             f"{where / name}")
     try:
-        if index.get("_class_name") == "WorldPipeline":
-            from components.world.model import WorldPipeline
-
-            return WorldPipeline.from_pretrained(where, local_files_only=True, dtype=dtype)
         pipe = DiffusionPipeline.from_pretrained(where, local_files_only=True, dtype=dtype, **_no_safety_checker(index))
     except (OSError, ValueError, RuntimeError) as exc:  # safetensors' errors are OSError or RuntimeError kinds
         raise UserError(f"{where}: cannot load the pipeline ({_first_line(exc)}); rebuild it or point at "
@@ -142,8 +138,8 @@ def check_components(pipe, where: Path | str) -> None:
         names = " + ".join(f"{name} ({enc.config.hidden_size})" for name, enc in encoders)
         raise UserError(f"{where}: unet attends to {unet.cross_attention_dim}-wide text states, but {names} "
                         f"give {width}: the components come from different models")
-    vae = getattr(pipe, "vae", None)
-    if vae is not None and vae.config.latent_channels != unet.in_channels:
+    vae = pipe.vae
+    if vae.config.latent_channels != unet.in_channels:
         raise UserError(f"{where}: unet takes {unet.in_channels} latent channels, but vae makes "
                         f"{vae.config.latent_channels}: the components come from different models")
     if unet.addition_embed_type == "text_time":

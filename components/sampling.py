@@ -105,7 +105,7 @@ def derive_seed(seed: int, stream: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{stream}".encode()).digest()[:8], "big") >> 1
 
 
-# ---- model adapters: the world pipeline (pixel space), SD1.5 and SDXL (latent) ------
+# ---- model adapters: Stable Diffusion 1.5 (the world's too) and XL ------------------
 
 def is_sdxl(pipe) -> bool:
     """The UNet takes pooled text embeddings and size/crop ids besides the hidden states."""
@@ -122,11 +122,9 @@ def encode_prompts(pipe, prompts: list[str]) -> tuple[Conditioning, Conditioning
         time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=cond.dtype,
                                 device=cond.device).repeat(len(prompts), 1)
         return Conditioning(cond, pooled, time_ids), Conditioning(uncond, uncond_pooled, time_ids.clone())
-    if hasattr(pipe, "vae"):
-        cond, uncond = pipe.encode_prompt(prompts, device=pipe.device, num_images_per_prompt=1,
-                                          do_classifier_free_guidance=True)
-        return Conditioning(cond), Conditioning(uncond)
-    return Conditioning(pipe.encode_prompt(prompts)), Conditioning(pipe.encode_prompt([""] * len(prompts)))
+    cond, uncond = pipe.encode_prompt(prompts, device=pipe.device, num_images_per_prompt=1,
+                                      do_classifier_free_guidance=True)
+    return Conditioning(cond), Conditioning(uncond)
 
 
 def sample_shape(pipe) -> tuple[int, int, int]:
@@ -135,11 +133,19 @@ def sample_shape(pipe) -> tuple[int, int, int]:
     return (cfg.in_channels, size, size)
 
 
-def to_images(pipe, x0: torch.Tensor) -> np.ndarray:
-    if hasattr(pipe, "vae"):
-        decoded = pipe.vae.decode(x0.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor).sample
-        x0 = decoded.float()
-    return ((x0.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+def to_pixels(images: np.ndarray) -> torch.Tensor:
+    """uint8 (B, H, W, 3) → float (B, 3, H, W) in [-1, 1], the VAE's input."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def to_uint8(pixels: torch.Tensor) -> np.ndarray:
+    """[-1, 1] float (B, 3, H, W) → uint8 (B, H, W, 3)."""
+    return ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def to_images(pipe, latents: torch.Tensor) -> np.ndarray:
+    """Decoded uint8 images (B, H, W, 3) of final latents."""
+    return to_uint8(pipe.vae.decode(latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor).sample.float())
 
 
 # ---- the math -------------------------------------------------------------------

@@ -23,9 +23,11 @@ def report_errors(lines: list[str]) -> None:
 
 
 def quiet_library_noise() -> None:
-    """Drop messages every Lightning run printed that say nothing about the run: an advert
+    """Drop messages that say nothing about the run: from every Lightning run, an advert
     for a cloud logger, its accelerator inventory, its note on modules in eval mode, that
-    it stopped at max_steps, and a torch deprecation inside Lightning's own code."""
+    it stopped at max_steps, and a torch deprecation inside Lightning's own code; from
+    loading a Stable Diffusion pipeline, transformers' note that image processors we never
+    run (the pipeline's safety-checker inputs) would be faster with torchvision."""
     import logging
     import warnings
 
@@ -36,6 +38,8 @@ def quiet_library_noise() -> None:
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
         lambda record: not record.getMessage().startswith(("💡 Tip", "GPU available: ", "TPU available: ",
                                                              "HPU available: ", "`Trainer.fit` stopped: ")))
+    logging.getLogger("transformers.utils.import_utils").addFilter(
+        lambda record: "requires torchvision (not installed)" not in record.getMessage())
 
 
 def run_stage(name: str, body: Callable[[Project], str]) -> int:

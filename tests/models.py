@@ -1,4 +1,4 @@
-"""Tiny models built from configs, for tests: a world pipeline, latent Stable Diffusion 1.5 and XL, a CLIP."""
+"""Tiny models built from configs, for tests: the world pipeline, Stable Diffusion 1.5 and XL, a CLIP."""
 
 from __future__ import annotations
 
@@ -6,19 +6,27 @@ from pathlib import Path
 
 import torch
 
-from components.config import WorldModelParams
+from components.config import WorldClipParams, WorldUnetParams, WorldVaeParams
 
-TINY_WORLD = WorldModelParams(channels=[16, 32], layers_per_block=1, text_dim=32, text_layers=1)
+TINY_VAE = WorldVaeParams(channels=[16, 32, 32])
+TINY_CLIP = WorldClipParams(width=32, text_layers=1, vision_layers=1, patch_size=8)
+TINY_UNET = WorldUnetParams(channels=[16, 32])
+TINY_WORLD = {"vae": TINY_VAE.model_dump(), "clip": TINY_CLIP.model_dump(), "unet": TINY_UNET.model_dump()}
 
 
-def save_tiny_world_model(path: Path, seed: int = 0) -> Path:
-    from components.world.model import WorldPipeline
+def save_tiny_world_model(path: Path, seed: int = 0, clip_dir: Path | None = None) -> Path:
+    """The world's Stable Diffusion in miniature, untrained and tinier still, at ``path``;
+    with ``clip_dir``, also the CLIP whose text tower is its text encoder (the reward's encoder)."""
+    from components.config import WorldParams
+    from components.world import model
 
-    pipe = WorldPipeline.from_config_params(TINY_WORLD, seed=seed)
+    pipe, clip = model.untrained(WorldParams(**TINY_WORLD), seed)
     with torch.no_grad():  # a zero output layer would make every image the same
         for param in pipe.unet.conv_out.parameters():
             param.normal_(0, 0.2)
     pipe.save_pretrained(path)
+    if clip_dir is not None:
+        model.save_clip(clip, pipe.tokenizer, clip_dir)
     return path
 
 

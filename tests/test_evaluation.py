@@ -95,6 +95,12 @@ def test_failed_gate_keeps_production_and_says_why(tuned, capsys):
     assert models.resolve(tuned, "production") == tuned.path("models/base")
 
 
+def _draw(pipe):
+    from components.sampling import SamplerConfig, sample
+
+    return sample(pipe, ["two red circles on a white background"], [5], SamplerConfig(steps=3), record=False).images
+
+
 def test_promotion_registers_tags_and_serves_production(tuned, capsys, tmp_path):
     evaluate.evaluate(tuned)
     lenient = tuned.params.model_copy(update={"gate": GateParams(min_win_rate=0, min_reward_gain=-1,
@@ -102,8 +108,7 @@ def test_promotion_registers_tags_and_serves_production(tuned, capsys, tmp_path)
     import dataclasses
 
     assert gate.gate(dataclasses.replace(tuned, params=lenient))["passed"]
-    candidate_images = models.load_pipeline(tuned.path("models/candidate"))(
-        ["two red circles on a white background"], num_inference_steps=3, seeds=[5])
+    candidate_images = _draw(models.load_pipeline(tuned.path("models/candidate")))
 
     build = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tuned.root, capture_output=True, text=True).stdout.strip()
     assert cli(["--project", str(tuned.root), "promote"]) == 0
@@ -125,11 +130,10 @@ def test_promotion_registers_tags_and_serves_production(tuned, capsys, tmp_path)
                               "models/registry.json"}
 
     production = models.load_pipeline(models.resolve(Project.load(tuned.root), "production"))
-    served = production(["two red circles on a white background"], num_inference_steps=3, seeds=[5])
+    served = _draw(production)
     assert np.abs(served.astype(int) - candidate_images).max() <= 1
     by_tag = models.load_pipeline(models.resolve(Project.load(tuned.root), "policy@v1"))
-    assert np.abs(by_tag(["two red circles on a white background"], num_inference_steps=3, seeds=[5]).astype(int)
-                  - candidate_images).max() <= 1
+    assert np.abs(_draw(by_tag).astype(int) - candidate_images).max() <= 1
     with pytest.raises(UserError, match=r"policy@v9: no such registered model \(registered: policy@v1\)"):
         models.resolve(tuned, "policy@v9")
 

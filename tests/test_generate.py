@@ -15,10 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
-from components import curate, generate
+from components import curate, generate, models
 from components.project import Project
 from flows.cli import main as cli
-from components.sampling import timestep_pairs
+from components.sampling import timestep_pairs, to_images
 from components.world.model import build_scheduler
 from tests.conftest import sibling_project
 from tests.models import save_tiny_stable_diffusion, save_tiny_world_model
@@ -52,13 +52,13 @@ def test_generate_writes_manifest_and_content_addressed_objects(stack_project, t
     assert image.shape == (32, 32, 3) and image.dtype == np.uint8
     traj_bytes = store.get_bytes(row["trajectory_key"])
     traj = generate.load_trajectory(traj_bytes)
-    assert traj["latents"].shape == (4, 3, 32, 32) and traj["log_probs"].shape == (3,)
+    assert traj["latents"].shape == (4, 4, 8, 8) and traj["log_probs"].shape == (3,)
     meta = generate.trajectory_metadata(traj_bytes)
     assert meta["generation_id"] == row["generation_id"] and meta["prompt"] == row["prompt"]
     assert traj["timesteps"].tolist() == timestep_pairs(build_scheduler(), 3)[0].tolist()
     assert traj["timesteps"][0] == 999  # "trailing" spacing starts from pure noise
-    decoded = ((traj["latents"][-1].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    assert np.array_equal(decoded, image)  # the PNG is the trajectory's x_0
+    decoded = to_images(models.load_pipeline(project.path("models/base")), traj["latents"][-1:])[0]
+    assert np.array_equal(decoded, image)  # the PNG is the trajectory's decoded x_0
 
     # Images of one noise group share x_T but not their path.
     pair = manifest[manifest["prompt_id"] == row["prompt_id"]]

@@ -17,7 +17,11 @@ from tests.conftest import REPO, run
 
 
 def _tiny(params: dict) -> None:
-    params["world"]["model"].update(channels=[16, 32], text_dim=32, text_layers=1)
+    from tests.models import TINY_WORLD
+
+    params["world"].update(TINY_WORLD)
+    params["pretrain_vae"].update(steps=3, batch_size=8, judge_images=8, checkpoint_every=2)
+    params["pretrain_clip"].update(steps=3, batch_size=8, checkpoint_every=2)
     params["pretrain"].update(steps=4, batch_size=8, warmup_steps=1, probe_every=2, checkpoint_every=2)
     params["sample"]["steps"] = 3
     params["evaluate_base"]["images_per_composition"] = 1
@@ -67,7 +71,8 @@ def test_reproduce_builds_every_stage_then_does_nothing(pipeline_project, prefec
     noise = ("To track the changes with git", "To enable auto staging", "Writing model shards",
              "Loading pipeline components", "`Trainer.fit` stopped", "Tip:")
     assert [line for line in lines if line.startswith(noise) or any(n in line for n in noise)] == []
-    assert set(first["stages_run"]) == {"curate", "pretrain", "evaluate_base", "generate"}
+    world = {"pretrain_vae", "pretrain_clip", "pretrain"}
+    assert set(first["stages_run"]) == {"curate", *world, "evaluate_base", "generate"}
     # the retrain stages wait for the first label snapshot
     assert first["skipped"] == dict.fromkeys(["validate", "train_reward", "finetune", "evaluate", "gate"],
                                              "data/labels")
@@ -85,7 +90,7 @@ def test_reproduce_builds_every_stage_then_does_nothing(pipeline_project, prefec
     assert len(manifest) == 24 * 2
 
     lock = yaml.safe_load((root / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"curate", "pretrain", "evaluate_base", "generate"}
+    assert set(lock["stages"]) == {"curate", *world, "evaluate_base", "generate"}
 
     second = reproduce(root=str(pipeline_project))
     assert second["stages_run"] == []

@@ -6,24 +6,17 @@ import numpy as np
 import pytest
 import torch
 
-from components.config import WorldModelParams
+from components.models import load_pipeline
 from components.sampling import (SamplerConfig, ddim_step, encode_prompts, guided_output, sample, step_log_prob,
                                  timestep_pairs)
-from components.world.model import WorldPipeline
+from tests.models import save_tiny_world_model
 
-TINY = WorldModelParams(channels=[16, 32], layers_per_block=1, text_dim=32, text_layers=1)
 PROMPTS = ["two red squares on a gray background", "one blue circle on a white background"]
 
 
 @pytest.fixture(scope="module")
-def pipe():
-    torch.manual_seed(0)
-    p = WorldPipeline.from_config_params(TINY, seed=0)
-    # Perturb the zero-initialised output layer so the model predicts non-trivial noise.
-    with torch.no_grad():
-        for param in p.unet.conv_out.parameters():
-            param.normal_(0, 0.2)
-    return p
+def pipe(tmp_path_factory):
+    return load_pipeline(save_tiny_world_model(tmp_path_factory.mktemp("world") / "base"))
 
 
 @pytest.mark.parametrize("prediction_type", ["v_prediction", "epsilon", "sample"])
@@ -33,7 +26,7 @@ def test_step_matches_diffusers_ddim_scheduler_with_eta_1(pipe, prediction_type)
     scheduler = DDIMScheduler.from_config(pipe.scheduler.config, prediction_type=prediction_type)
     timesteps, prevs = timestep_pairs(scheduler, 10)
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 3, 32, 32, generator=gen)
+    x = torch.randn(2, 4, 8, 8, generator=gen)
     cond, uncond = encode_prompts(pipe, PROMPTS)
     with torch.no_grad():
         for t, prev_t in zip(timesteps.tolist(), prevs.tolist()):
@@ -48,7 +41,7 @@ def test_step_matches_diffusers_ddim_scheduler_with_eta_1(pipe, prediction_type)
 def test_recorded_log_probs_equal_recomputation(pipe):
     config = SamplerConfig(steps=6, guidance_scale=3.0, eta=1.0)
     traj = sample(pipe, PROMPTS, seeds=[1, 2], config=config)
-    assert traj.latents.shape == (2, 7, 3, 32, 32) and traj.log_probs.shape == (2, 6)
+    assert traj.latents.shape == (2, 7, 4, 8, 8) and traj.log_probs.shape == (2, 6)
     assert torch.isfinite(traj.log_probs).all()
     timesteps, prevs = timestep_pairs(pipe.scheduler, 6)
     assert torch.equal(timesteps, traj.timesteps)
@@ -96,8 +89,11 @@ def test_shared_initial_noise_with_different_step_noise(pipe):
 
 
 def test_pipeline_round_trips_offline(pipe, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
     pipe.save_pretrained(tmp_path / "model")
-    loaded = WorldPipeline.from_pretrained(tmp_path / "model", local_files_only=True)
-    a = pipe(PROMPTS, num_inference_steps=3, seeds=[5, 6])
-    b = loaded(PROMPTS, num_inference_steps=3, seeds=[5, 6])
+    loaded = StableDiffusionPipeline.from_pretrained(tmp_path / "model", local_files_only=True)
+    config = SamplerConfig(steps=3)
+    a = sample(pipe, PROMPTS, [5, 6], config, record=False).images
+    b = sample(loaded, PROMPTS, [5, 6], config, record=False).images
     assert np.array_equal(a, b)

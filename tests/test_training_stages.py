@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from components import curate, feedback, generate, models
 from components.annotation import oracle
@@ -22,7 +23,8 @@ from components.errors import UserError
 from components.finetune import stage as finetune_stage
 from components.project import Project
 from components.reward import train as reward_train
-from components.reward.model import RewardModel, RewardScorer
+from components.sampling import encode_prompts
+from components.reward.model import ClipRewardScorer, load_scorer
 from tests.conftest import last_checkpoint_step, sibling_project
 from tests.models import save_tiny_world_model
 
@@ -52,7 +54,7 @@ def _project(stack_project, root, **edits) -> Project:
             node[leaf] = value
 
     root = sibling_project(stack_project, root, edit=edit)
-    save_tiny_world_model(root / "models" / "base")
+    save_tiny_world_model(root / "models" / "base", clip_dir=root / "models" / "clip")
     return generate_and_label(root)
 
 
@@ -89,12 +91,16 @@ def test_lee_reward_trains_reports_metrics_and_round_trips(labelled):
     curve = pd.read_csv(labelled.path(reward_train.CURVE_OUT))
     assert curve["step"].iloc[-1] == 15 and curve["loss"].notna().all()
 
-    scorer = RewardScorer.load(labelled.path(reward_train.MODEL_OUT))
+    saved = load_file(labelled.path(reward_train.MODEL_OUT) / "diffusion_pytorch_model.safetensors")
+    assert saved and all(k.startswith(("mlp.", "out.")) for k in saved)  # the heads only: the world CLIP is frozen
+    assert json.loads(labelled.path(reward_train.MODEL_OUT / "config.json").read_text())["clip"] == "models/clip"
+
+    scorer = load_scorer(labelled, labelled.path(reward_train.MODEL_OUT))
     images = np.random.default_rng(0).integers(0, 255, (3, 32, 32, 3), dtype=np.uint8)
     prompts = ["one red circle on a white background"] * 3
     mean, spread = scorer.score(images, prompts)
     assert mean.shape == (3,) and ((0 <= mean) & (mean <= 1)).all() and (spread >= 0).all()
-    again = RewardScorer.load(labelled.path(reward_train.MODEL_OUT)).score(images, prompts)[0]
+    again = load_scorer(labelled, labelled.path(reward_train.MODEL_OUT)).score(images, prompts)[0]
     assert np.array_equal(mean, again)
 
 
@@ -102,7 +108,7 @@ def test_prompt_classification_scores_the_original_prompt_with_the_network(label
     """The original prompt's reward gets gradient (not a constant logit, as in one reimplementation)."""
     from components.config import RewardParams
 
-    scorer = RewardScorer(RewardModel(vocab_size=reward_train._vocab_size(), heads=1))
+    scorer = ClipRewardScorer.create(labelled.params, labelled.root, heads=1)
     images = torch.zeros(2, 3, 32, 32)
     prompts = ["two red circles on a white background", "one blue square on a black background"]
     module = reward_train.RewardModule(scorer, RewardParams(perturbed_prompts=3), 0, images, prompts,
@@ -119,16 +125,15 @@ def test_prompt_classification_scores_the_original_prompt_with_the_network(label
     assert prompts[0] in seen_prompts and prompts[1] in seen_prompts
     assert len(seen_prompts) == 2 * 4 and float(loss) > 0
     loss.backward()
-    assert scorer.model.words.weight.grad is not None
+    assert scorer.model.out.weight.grad.abs().sum() > 0
 
 
-def test_a_reward_saved_before_layout_pooling_is_refused_with_how_to_rebuild_it(tmp_path):
-    RewardModel(heads=1, layout_grid=1).save_pretrained(tmp_path)
-    config = json.loads((tmp_path / "config.json").read_text())
-    del config["layout_grid"]  # configs from before the key existed
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(UserError, match=r"older architecture .*mlp\.0\.weight.*dvc repro train_reward") as err:
-        RewardScorer.load(tmp_path)
+def test_the_old_world_cnn_reward_is_refused_with_how_to_rebuild_it(labelled, tmp_path):
+    """A models/reward from before the world had a CLIP (a CNN's config and weights)."""
+    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "RewardModel", "vocab_size": 32, "heads": 3}))
+    save_file({"words.weight": torch.zeros(32, 32)}, tmp_path / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(UserError, match=r"not a reward model of this version .*dvc repro train_reward") as err:
+        load_scorer(labelled, tmp_path)
     assert "\n" not in str(err.value)
 
 
@@ -145,11 +150,7 @@ def test_gpu_profiles_train_reward_heads_on_a_frozen_clip(labelled, tmp_path):
     out of the saved model; the stages load it through models.clip, and refuse another CLIP."""
     import dataclasses
 
-    from safetensors.torch import load_file
-
     from components.config import parse_params
-    from components.reward.clip import ClipRewardScorer
-    from components.reward.model import load_scorer
     from tests.models import save_tiny_clip
 
     clip_dir = save_tiny_clip(tmp_path / "clip")
@@ -204,9 +205,9 @@ def test_every_method_fine_tunes_into_a_loadable_candidate(labelled, method):
     assert json.loads((out / "candidate.json").read_text())["method"] == method
     pipe = models.load_pipeline(out)
     base = models.load_pipeline(project.path("models/base"))
-    prompt = ["two red circles on a white background"]
-    tuned_out = pipe.unet(torch.zeros(1, 3, 32, 32), 500, pipe.encode_prompt(prompt)).sample
-    base_out = base.unet(torch.zeros(1, 3, 32, 32), 500, base.encode_prompt(prompt)).sample
+    cond = encode_prompts(base, ["two red circles on a white background"])[0].embeds
+    tuned_out = pipe.unet(torch.zeros(1, 4, 8, 8), 500, cond).sample
+    base_out = base.unet(torch.zeros(1, 4, 8, 8), 500, cond).sample
     assert not torch.equal(tuned_out, base_out)
     curve = pd.read_csv(project.path(finetune_stage.CURVE_OUT))
     assert len(curve) == report["steps"] and curve["loss"].notna().all()

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from components.config import FinetuneParams, LoraParams
-from components.sampling import Conditioning
+from components.sampling import Conditioning, to_pixels
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 CANDIDATE_FILE = "candidate.json"
@@ -152,12 +152,9 @@ def denoising_mse(unet, scheduler, x0: torch.Tensor, cond: Conditioning, t: torc
 
 @torch.no_grad()
 def encode_images(pipe, images: np.ndarray) -> torch.Tensor:
-    """uint8 (B, H, W, 3) → the model's x0 space (pixels in [-1, 1], or VAE latents)."""
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
-    vae = getattr(pipe, "vae", None)
-    if vae is None:
-        return x
-    latents = vae.encode(x.to(pipe.device, vae.dtype)).latent_dist.mean
+    """uint8 (B, H, W, 3) → the model's x0 space: scaled VAE latents."""
+    vae = pipe.vae
+    latents = vae.encode(to_pixels(images).to(pipe.device, vae.dtype)).latent_dist.mean
     return latents.float() * vae.config.scaling_factor
 
 

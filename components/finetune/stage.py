@@ -194,16 +194,12 @@ def prior_batches(project: Project, pipe, gens, fetch):
     params = project.params
     size = params.finetune.reward_weighted.batch_size
     if params.profile == "world":
-        from components.world.pretrain import is_held_out, noisy_caption
-        from components.world.render import render
-        from components.world.grammar import all_compositions
+        from components.world.training import noisy_caption, renders, seen_compositions
 
-        seen = [c for c in all_compositions() if not is_held_out(c, params.world.holdout)]
+        seen = seen_compositions(params.world.holdout)
 
         def world_batch(step: int):
-            rng = np.random.default_rng([params.seed, 1_000_003, step])
-            comps = [seen[i] for i in rng.integers(len(seen), size=size)]
-            images = np.stack([render(c, rng) for c in comps])
+            rng, comps, images = renders(params.seed, "finetune:prior", step, size, seen)
             captions = [noisy_caption(c, rng, params.pretrain, params.world.holdout) for c in comps]
             return encode_images(pipe, images), encode_text(pipe, captions)
 

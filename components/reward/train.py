@@ -8,9 +8,9 @@
   reimplementation feeds a constant there, so only the perturbations learn).
 - ``reward.kind: bradley_terry``: ``−log σ(logit(x_w, c) − logit(x_l, c))`` on preference pairs.
 
-The world profile trains its own small encoders (``model.py``); sd15/sdxl train heads on
-the frozen CLIP of ``models.clip`` (``clip.py``). The prompt-classification term needs
-the world grammar to perturb a prompt, so elsewhere it applies to world prompts only.
+The heads sit on a frozen CLIP (``model.py``): the world's own (``models/clip``) or, for
+sd15/sdxl, the one of ``models.clip``. The prompt-classification term needs the world
+grammar to perturb a prompt, so elsewhere it applies to world prompts only.
 
 Labelled prompts are split (seeded) into train and validation; metrics on the
 validation prompts (accuracy, AUC, calibration error) and, in the world profile,
@@ -36,7 +36,7 @@ from components import feedback
 from components.config import Params, RewardParams
 from components.curves import MetricsCurve
 from components.errors import UserError
-from components.reward.model import RewardModel, RewardScorer
+from components.reward.model import ClipRewardScorer
 from components.world.grammar import parse_prompt
 
 MODEL_OUT = Path("models/reward")
@@ -56,7 +56,7 @@ def perturbed_prompts(prompt: str, n: int, rng: np.random.Generator) -> list[str
 class RewardModule(L.LightningModule):
     """The losses; the data lives in memory (a few thousand 32×32 images)."""
 
-    def __init__(self, scorer: RewardScorer, cfg: RewardParams, seed: int, images: torch.Tensor, prompts: list[str],
+    def __init__(self, scorer: ClipRewardScorer, cfg: RewardParams, seed: int, images: torch.Tensor, prompts: list[str],
                  labels: torch.Tensor | None = None, pairs: np.ndarray | None = None):
         super().__init__()
         self.scorer, self.model, self.cfg, self.seed = scorer, scorer.model, cfg, seed
@@ -174,12 +174,7 @@ def train_reward(params: Params, root: Path, store) -> dict:
     ids = sorted(set(gens.index))
     position = {g: i for i, g in enumerate(ids)}
     images_u8 = fetch.images([gens.at[g, "image_key"] for g in ids])
-    if params.profile == "world":
-        scorer = RewardScorer(RewardModel(vocab_size=_vocab_size(), heads=cfg.ensemble))
-    else:
-        from components.reward.clip import ClipRewardScorer
-
-        scorer = ClipRewardScorer.create(params.models.clip.location(root), cfg.ensemble)
+    scorer = ClipRewardScorer.create(params, root, cfg.ensemble)
     images, prompts = scorer.prepare(images_u8), [gens.at[g, "prompt"] for g in ids]
     if cfg.kind == "lee":
         index = np.array([position[g] for g in train_rows["generation_id"]])
@@ -214,13 +209,7 @@ def train_reward(params: Params, root: Path, store) -> dict:
     return metrics
 
 
-def _vocab_size() -> int:
-    from components.world.model import build_tokenizer
-
-    return len(build_tokenizer())
-
-
-def evaluate_reward(scorer: RewardScorer, kind: str, train_rows: pd.DataFrame, val_rows: pd.DataFrame,
+def evaluate_reward(scorer: ClipRewardScorer, kind: str, train_rows: pd.DataFrame, val_rows: pd.DataFrame,
                     gens: pd.DataFrame, position: dict, images_u8: np.ndarray, params: Params) -> dict:
     ids = list(position)
     scores, spread = scorer.score(images_u8, [gens.at[g, "prompt"] for g in ids])

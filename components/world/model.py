@@ -1,28 +1,32 @@
-"""The world profile's text-to-image model: a real diffusers pipeline, small enough for CPU.
+"""The world profile's text-to-image model: Stable Diffusion in miniature, every part trained here.
 
-A pixel-space ``UNet2DConditionModel`` (32×32 RGB, no VAE) conditioned through
-cross-attention on a tiny ``CLIPTextModel`` over a word-level tokenizer of the world
-vocabulary. ``WorldPipeline`` round-trips with ``save_pretrained`` /
-``from_pretrained`` offline and accepts LoRA weights through ``load_lora_weights``.
+Three parts, each its own stage and output, as in SD:
+
+- a KL autoencoder (``AutoencoderKL``, 32×32×3 images ↔ 8×8×4 latents): ``models/vae``;
+- a CLIP (``CLIPModel``: a word-level text tower over the world vocabulary and a small
+  ViT), trained contrastively on noisily captioned renders: ``models/clip``. Its text
+  tower is the pipeline's frozen text encoder; both towers are the frozen encoder under
+  the reward heads (``components/reward/model.py``), as Lee et al. put heads on CLIP;
+- a latent ``UNet2DConditionModel`` over the VAE's latents, conditioned on the text
+  tower: the ``pretrain`` stage's ``models/base``, a stock ``StableDiffusionPipeline``.
+
+So the world and the sd15 profile run the same code and differ only in weights and params.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import numpy as np
 import torch
-from diffusers import DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
-from diffusers.loaders import StableDiffusionLoraLoaderMixin
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
+from transformers import CLIPConfig, CLIPModel, CLIPTextModel, PreTrainedTokenizerFast
 
-from components.config import WorldModelParams
+from components.config import WorldClipParams, WorldParams, WorldUnetParams, WorldVaeParams
 from components.world.grammar import vocabulary
 from components.world.render import IMAGE_SIZE
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<bos>", "<eos>"]
 MAX_TOKENS = 12  # bos + the longest prompt (7 words) + eos, with room to spare
+LATENT_CHANNELS = 4
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
@@ -36,81 +40,85 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def build_scheduler() -> DDIMScheduler:
-    # squaredcos suits small images; "trailing" spacing starts sampling at t=999 even
+    # squaredcos suits small latents; "trailing" spacing starts sampling at t=999 even
     # with few steps. There ᾱ ≈ 2e-9, so an ε-model cannot recover the image's global
     # colour (x0 = (x - √(1-ᾱ)ε)/√ᾱ amplifies errors 20,000×): v-prediction is well
-    # conditioned at every noise level. Clipping x0 keeps pixel samples in range.
-    return DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=True,
+    # conditioned at every noise level. Latents are unbounded, so x0 is not clipped.
+    return DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=False,
                          set_alpha_to_one=False, timestep_spacing="trailing", prediction_type="v_prediction")
 
 
-def build_models(cfg: WorldModelParams, tokenizer: PreTrainedTokenizerFast) -> tuple[UNet2DConditionModel, CLIPTextModel]:
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=cfg.text_dim, intermediate_size=2 * cfg.text_dim,
-        num_hidden_layers=cfg.text_layers, num_attention_heads=4, max_position_embeddings=MAX_TOKENS,
-        projection_dim=cfg.text_dim, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id))
+def build_vae(cfg: WorldVaeParams) -> AutoencoderKL:
+    levels = len(cfg.channels)
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=LATENT_CHANNELS, sample_size=IMAGE_SIZE,
+                         block_out_channels=tuple(cfg.channels), layers_per_block=1, norm_num_groups=8,
+                         down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels)
+
+
+def latent_size(vae: AutoencoderKL) -> int:
+    return IMAGE_SIZE // 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def build_clip(cfg: WorldClipParams, tokenizer: PreTrainedTokenizerFast) -> CLIPModel:
+    width = cfg.width
+    text = dict(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width,
+                num_hidden_layers=cfg.text_layers, num_attention_heads=4, max_position_embeddings=MAX_TOKENS,
+                pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id)  # CLIP pools the text at its eos token
+    vision = dict(image_size=IMAGE_SIZE, patch_size=cfg.patch_size, hidden_size=width, intermediate_size=2 * width,
+                  num_hidden_layers=cfg.vision_layers, num_attention_heads=4)
+    return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=width))
+
+
+def image_processor():
+    """CLIP's input for 32×32 renders: no resize or crop, pixels scaled to [-1, 1]."""
+    from transformers import CLIPImageProcessorPil  # Pil: no torchvision needed
+
+    return CLIPImageProcessorPil(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+                                 image_mean=[0.5] * 3, image_std=[0.5] * 3)
+
+
+def text_encoder_of(clip: CLIPModel) -> CLIPTextModel:
+    """CLIP's text tower as the standalone ``CLIPTextModel`` a Stable Diffusion pipeline loads."""
+    encoder = CLIPTextModel(clip.config.text_config)
+    encoder.load_state_dict(clip.text_model.state_dict())
+    return encoder.requires_grad_(False).eval()
+
+
+def build_unet(cfg: WorldUnetParams, latent: int, text_dim: int) -> UNet2DConditionModel:
     depth = len(cfg.channels)
-    resolutions = [IMAGE_SIZE // 2**i for i in range(depth)]
-    unet = UNet2DConditionModel(
-        sample_size=IMAGE_SIZE, in_channels=3, out_channels=3, block_out_channels=tuple(cfg.channels),
-        layers_per_block=cfg.layers_per_block,
-        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (depth - 1),
-        up_block_types=("CrossAttnUpBlock2D",) * (depth - 1) + ("UpBlock2D",),
-        cross_attention_dim=cfg.text_dim, attention_head_dim=8, norm_num_groups=8,
-        only_cross_attention=tuple(r > cfg.self_attention_max_resolution for r in resolutions),
+    return UNet2DConditionModel(
+        sample_size=latent, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
+        block_out_channels=tuple(cfg.channels), layers_per_block=cfg.layers_per_block,
+        down_block_types=("CrossAttnDownBlock2D",) * depth, up_block_types=("CrossAttnUpBlock2D",) * depth,
+        cross_attention_dim=text_dim, attention_head_dim=8, norm_num_groups=8,
         # An attention-pooled prompt embedding added to the timestep embedding conditions
         # every ResNet block globally: background and count are global properties.
         addition_embed_type="text", addition_embed_type_num_heads=4)
-    return unet, text_encoder
 
 
-class WorldPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
-    """Pixel-space text-to-image pipeline of the synthetic world."""
+def assemble(vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer: PreTrainedTokenizerFast,
+             unet: UNet2DConditionModel):
+    """The parts as a stock ``StableDiffusionPipeline``."""
+    from diffusers import StableDiffusionPipeline  # its import logs transformers' torchvision notes: see stage.py
 
-    model_cpu_offload_seq = "text_encoder->unet"
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=build_scheduler(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
 
-    def __init__(self, unet: UNet2DConditionModel, text_encoder: CLIPTextModel,
-                 tokenizer: PreTrainedTokenizerFast, scheduler: DDIMScheduler):
-        super().__init__()
-        self.register_modules(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
 
-    @classmethod
-    def from_config_params(cls, cfg: WorldModelParams, seed: int = 0) -> WorldPipeline:
-        torch.manual_seed(seed)
-        tokenizer = build_tokenizer()
-        unet, text_encoder = build_models(cfg, tokenizer)
-        return cls(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=build_scheduler())
+def untrained(cfg: WorldParams, seed: int = 0) -> tuple:
+    """(pipeline, CLIP) of the configured architecture with random weights: for tests, and
+    for benchmarks of costs, which do not depend on the weights."""
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer()
+    vae, clip = build_vae(cfg.vae), build_clip(cfg.clip, tokenizer)
+    unet = build_unet(cfg.unet, latent_size(vae), cfg.clip.width)
+    return assemble(vae, text_encoder_of(clip), tokenizer, unet), clip
 
-    @classmethod
-    def trained_or_untrained(cls, path: Path, cfg: WorldModelParams) -> WorldPipeline:
-        """The model saved at ``path``, else an untrained one of the configured architecture
-        (for measuring costs, which do not depend on the weights)."""
-        if (path / "model_index.json").exists():
-            return cls.from_pretrained(path, local_files_only=True)
-        return cls.from_config_params(cfg)
 
-    def tokenize(self, prompts: list[str]) -> torch.Tensor:
-        return self.tokenizer(prompts, padding="max_length", max_length=MAX_TOKENS, truncation=True,
-                              return_tensors="pt").input_ids.to(self.device)
-
-    def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
-        return self.text_encoder(self.tokenize(prompts)).last_hidden_state
-
-    @staticmethod
-    def to_images(x0: torch.Tensor) -> np.ndarray:
-        """[-1, 1] float (B, 3, H, W) → uint8 (B, H, W, 3)."""
-        return ((x0.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-    @staticmethod
-    def from_images(images: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
-
-    @torch.no_grad()
-    def __call__(self, prompts: list[str], num_inference_steps: int = 20, guidance_scale: float = 3.0,
-                 eta: float = 1.0, seeds: list[int] | None = None) -> np.ndarray:
-        from components.sampling import SamplerConfig, sample
-
-        seeds = seeds if seeds is not None else list(range(len(prompts)))
-        config = SamplerConfig(steps=num_inference_steps, guidance_scale=guidance_scale, eta=eta)
-        return sample(self, prompts, seeds, config, record=False).images
+def save_clip(clip: CLIPModel, tokenizer: PreTrainedTokenizerFast, where) -> None:
+    """Model, tokenizer and image processor: what ``load_clip`` (and transformers) read back."""
+    clip.save_pretrained(where)
+    tokenizer.save_pretrained(where)
+    image_processor().save_pretrained(where)
