@@ -298,9 +298,9 @@ class RewardParams(_Strict):
     # (Lee et al. 2023); bradley_terry: preference pairs
     kind: Literal["lee", "bradley_terry"] = "lee"
     ensemble: int = Field(3, ge=1, le=16)  # K heads; their disagreement drives active selection
-    steps: int = Field(600, ge=1)
+    steps: int = Field(1500, ge=1)
     batch_size: int = Field(64, ge=1)
-    lr: float = Field(1e-3, gt=0, le=1)
+    lr: float = Field(3e-3, gt=0, le=1)
     prompt_classification_weight: float = Field(0.5, ge=0)  # λ
     temperature: float = Field(0.1, gt=0)  # T: the reward in [0, 1] as a logit over candidates
     perturbed_prompts: int = Field(4, ge=1)  # N − 1

@@ -33,7 +33,7 @@ TWO_PROCESSES: dict[str, dict[str, torch.Tensor]] = {}  # candidates of uninterr
 def project(stack_project, tmp_path_factory):
     project = _project(stack_project, tmp_path_factory.mktemp("ddp") / "project",
                        **{"finetune.threads": 1, "finetune.accelerator": "cpu", "finetune.checkpoint_every": 2,
-                          "finetune.d3po.pairs_per_batch": 6, "finetune.d3po.lr": 1e-4,
+                          "finetune.d3po.pairs_per_batch": 12, "finetune.d3po.lr": 1e-4,
                           "finetune.prdp.prompts_per_epoch": 3, "finetune.prdp.epochs": 2,
                           "finetune.prdp.lr": 1e-2, "finetune.reward_weighted.steps": 4})
     reward_train.train_reward(project.params, project.root, project.object_store())
