@@ -3,7 +3,7 @@
     .venv/bin/python bench/learning_efficacy.py --method d3po [--images-per-prompt 8]
         [--set finetune.d3po.lr=1e-4 ...] [--control]
 
-Needs the embedded services (`aligndiff up`) and the pre-trained base (`dvc repro pretrain`).
+Needs the embedded services (`aligndiff up`) and the pre-trained base, VAE and CLIP (`dvc repro pretrain`).
 One feedback round in a scratch project next to the repo (the repo's data is untouched):
 generate K images per train prompt (pairs sharing x_T) with the base model → label them
 with the simulated annotators' policy (3 votes, 10% flips; the Label Studio round trip is
@@ -59,7 +59,8 @@ def scratch_project(root: Path, overrides: list[str]) -> Project:
         node[leaf] = yaml.safe_load(value)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     shutil.copy(REPO / ".env", root / ".env")
-    (root / "models" / "base").symlink_to(REPO / "models" / "base")
+    for part in ("vae", "clip", "base"):  # the base and the parts it was pre-trained on (the reward's CLIP)
+        (root / "models" / part).symlink_to(REPO / "models" / part)
     return Project.load(root)
 
 

@@ -36,7 +36,7 @@ from tests.models import TINY_WORLD
 def _settings(params: dict) -> None:
     params["world"].update(TINY_WORLD)
     params["pretrain_vae"].update(steps=300, batch_size=16, judge_images=8)
-    params["pretrain_clip"].update(steps=100, batch_size=32)
+    params["pretrain_clip"].update(steps=300, batch_size=32, lr=3e-3)  # backgrounds well apart: the reward reads them
     params["pretrain"].update(steps=200, batch_size=16, warmup_steps=10, probe_every=10**6, checkpoint_every=10**6)
     # The pair is made to differ in backgrounds only: no shape weighting, and guidance 3,
     # which brings out what each tiny model learnt about backgrounds.
