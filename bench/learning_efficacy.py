@@ -46,8 +46,6 @@ def scratch_project(root: Path, overrides: list[str]) -> Project:
     shutil.rmtree(root, ignore_errors=True)
     (root / "models").mkdir(parents=True)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["services"]["state_dir"] = str(REPO / ".aligndiff")  # the running services' credentials and ports
-    params["services"]["label_studio"]["venv"] = str(REPO / ".aligndiff" / "venvs" / "label-studio")
     params["generate"]["splits"] = ["train"]
     params["finetune"]["init"] = "base"
     for item in overrides:
@@ -59,6 +57,7 @@ def scratch_project(root: Path, overrides: list[str]) -> Project:
         node[leaf] = yaml.safe_load(value)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     shutil.copy(REPO / ".env", root / ".env")
+    (root / ".aligndiff").symlink_to(REPO / ".aligndiff")  # the running services' credentials and ports
     for part in ("vae", "clip", "base"):  # the base and the parts it was pre-trained on (the reward's CLIP)
         (root / "models" / part).symlink_to(REPO / "models" / part)
     return Project.load(root)
