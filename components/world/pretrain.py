@@ -38,7 +38,7 @@ from components.stage import run_stage
 from components.world import training
 from components.world.alignment import evaluate_splits
 from components.world.grammar import BACKGROUND_RGB
-from components.world.model import assemble, build_unet, latent_size, text_encoder_of
+from components.world.model import assemble, build_scheduler, build_unet, latent_size, text_encoder_of
 from components.world.pretrain_clip import MODEL_OUT as CLIP_DIR
 from components.world.pretrain_clip import tokenize
 from components.world.pretrain_vae import MODEL_OUT as VAE_DIR
@@ -76,7 +76,7 @@ class PretrainModule(L.LightningModule):
         self.seed = params.seed
         self.holdout = params.world.holdout
         self.seen = training.seen_compositions(self.holdout)
-        self.scheduler = assemble(vae, self.text_encoder, tokenizer, self.unet).scheduler
+        self.scheduler = build_scheduler()
         self.register_buffer("alphas_cumprod", self.scheduler.alphas_cumprod.clone().float(), persistent=False)
 
     @torch.no_grad()
