@@ -223,9 +223,18 @@ def step_log_prob(pipe_or_unet, scheduler, x_t: torch.Tensor, t: int, prev_t: in
 
 @torch.no_grad()
 def sample(pipe, prompts: list[str], seeds: list[int], config: SamplerConfig, init_seeds: list[int] | None = None,
-           record: bool = True) -> Trajectories:
-    """Sample one image per (prompt, seed); ``init_seeds`` (default: the seeds) choose x_T."""
+           record: bool = True, branch_step: int | None = None, branch_seeds: list[int] | None = None
+           ) -> Trajectories:
+    """Sample one image per (prompt, seed); ``init_seeds`` (default: the seeds) choose x_T.
+
+    With ``branch_step`` k, step k's noise comes from ``branch_seeds`` instead of the
+    seeds: samples with equal init_seeds and seeds but different branch seeds share x_T
+    and every step's noise but step k's, so they differ only by what step k drew
+    (step-level pairs).
+    """
     init_seeds = init_seeds if init_seeds is not None else seeds
+    if (branch_step is None) != (branch_seeds is None):
+        raise ValueError("branch_step and branch_seeds go together")
     device, dtype = pipe.device, pipe.unet.dtype
     shape = sample_shape(pipe)
     cond, uncond = encode_prompts(pipe, prompts)
@@ -235,9 +244,12 @@ def sample(pipe, prompts: list[str], seeds: list[int], config: SamplerConfig, in
     step_rngs = [torch.Generator().manual_seed(derive_seed(s, "steps")) for s in seeds]
     timesteps, prevs = timestep_pairs(pipe.scheduler, config.steps)
     latents, log_probs = [x], []
-    for t, prev_t in zip(timesteps.tolist(), prevs.tolist()):
+    for step, (t, prev_t) in enumerate(zip(timesteps.tolist(), prevs.tolist())):
         out = guided_output(pipe.unet, x.to(dtype), t, cond, uncond, config.guidance_scale)
         noise = torch.stack([torch.randn(shape, generator=g) for g in step_rngs]).to(device)
+        if step == branch_step:  # the step rngs still advance: later steps stay shared
+            noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(derive_seed(s, "branch")))
+                                 for s in branch_seeds]).to(device)
         x, log_prob = ddim_step(pipe.scheduler, out, t, prev_t, x, config.eta, noise=noise)
         if record:
             latents.append(x)
