@@ -1,7 +1,7 @@
 """Benchmark: does feedback fine-tuning raise judge alignment, and does it beat more pre-training?
 
     .venv/bin/python bench/learning_efficacy.py --method d3po [--images-per-prompt 8]
-        [--set finetune.d3po.lr=1e-4 ...] [--control]
+        [--set finetune.d3po.lr=1e-4 ...] [--control MINUTES] [--rounds N]
 
 Needs the embedded services (`aligndiff up`) and the pre-trained base, VAE and CLIP (`dvc repro pretrain`).
 One feedback round in a scratch project next to the repo (the repo's data is untouched):
@@ -10,6 +10,8 @@ with the simulated annotators' policy (3 votes, 10% flips; the Label Studio roun
 tested elsewhere) → train the reward model (PRDP, reward-weighted) → fine-tune → judge
 alignment of base and candidate on seen compositions (4 images each, 288) and on the
 compositions held out of pre-training (8 each, 192), same seeds for both models.
+``--rounds N`` makes that N online rounds, each on the previous round's model, and
+charts judge alignment against the votes used (bench/results/rounds-*.png and .csv).
 ``--control MINUTES`` continues pre-training the base for that wall time instead;
 ``--method reward_weighted --pretraining-term-only`` runs that method's pre-training term
 alone (the same LoRA, learning rate and steps; no feedback).
@@ -96,6 +98,85 @@ def feedback_round(project: Project, method: str) -> dict:
     return {"labels": labels, "finetune": report, "timings": timings}
 
 
+def label_round(project: Project, method: str) -> dict:
+    """The simulated annotators' votes on the manifest's generations: pairwise only for the
+    pair methods, binary and pairwise where a reward model is trained (PRDP, reward-weighted)."""
+    gens = feedback.generations(project.root)
+    images = feedback.Fetcher(project.object_store()).images(list(gens["image_key"]))
+    tasks, prefs = oracle.label(gens, dict(zip(gens.index, images)), AnnotatorConfig(coverage=3, flip_rate=0.1),
+                                binary=method in ("prdp", "reward_weighted"))
+    oracle.write(tasks, prefs, project.path("data/labels"))
+    return {"tasks": len(tasks), "votes": 3 * len(tasks), "preferences": len(prefs)}
+
+
+def online_rounds(project: Project, method: str, rounds: int, seed: int) -> dict:
+    """``--rounds N``, as the papers iterate: sample the current model, label its images,
+    fine-tune from it (so the reference and θ_old are refreshed), and the candidate is the
+    next round's model; no gate between rounds. Each round's judge alignment, against the
+    votes used so far, goes into the result, a CSV and a chart."""
+    import dataclasses
+
+    from components.finetune import stage as finetune_stage
+    from components.reward import train as reward_train
+
+    current, votes, curve, rounds_out = "base", 0, [], []
+    start = time.monotonic()
+    for r in range(1, rounds + 1):
+        params = project.params.model_copy(update={"finetune": project.params.finetune.model_copy(
+            update={"init": current})})
+        this = dataclasses.replace(project, params=params)
+        generate.run(this, model=current)
+        labels = label_round(this, method)
+        votes += labels["votes"]
+        if method in ("prdp", "reward_weighted"):
+            labels["reward_vs_judge"] = reward_train.train_reward(params, this.root, this.object_store()).get(
+                "judge_on_unseen_prompts")
+        report = finetune_stage.finetune(this)
+        out = this.path(f"models/round-{r}")  # candidate.json names "../<previous round>": same depth
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.copytree(this.path("models/candidate"), out)
+        current = f"models/round-{r}"
+        scores = alignment(models.load_pipeline(out), params, seed)
+        point = {"round": r, "votes": votes, "minutes": round((time.monotonic() - start) / 60, 2),
+                 "seen": scores["seen"]["aligned"], "unseen": scores["unseen"]["aligned"]}
+        curve.append(point)
+        rounds_out.append({**point, "labels": labels, "finetune": {k: report[k] for k in ("steps", "data", "final")},
+                           "alignment": scores})
+        print(json.dumps(point), flush=True)
+    return {"rounds": rounds_out, "curve": curve}
+
+
+def write_curve(curve: list[dict], base: dict, out: Path, title: str) -> None:
+    """The judge-alignment curve against votes used: a CSV and a PNG chart (seen solid,
+    held-out dashed)."""
+    from PIL import Image, ImageDraw
+
+    points = [{"round": 0, "votes": 0, "seen": base["seen"]["aligned"], "unseen": base["unseen"]["aligned"]}, *curve]
+    out.with_suffix(".csv").write_text("round,votes,seen,unseen\n" + "".join(
+        f"{p['round']},{p['votes']},{p['seen']},{p['unseen']}\n" for p in points))
+    width, height, pad = 640, 400, 50
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    most = max(p["votes"] for p in points) or 1
+
+    def xy(p, key):
+        return pad + (width - 2 * pad) * p["votes"] / most, height - pad - (height - 2 * pad) * p[key]
+
+    draw.rectangle([pad, pad, width - pad, height - pad], outline="black")
+    for tick in (0, 0.25, 0.5, 0.75, 1.0):
+        y = height - pad - (height - 2 * pad) * tick
+        draw.text((8, y - 6), f"{tick:.0%}", fill="black")
+    draw.text((pad, height - pad + 8), "0 votes", fill="black")
+    draw.text((width - pad - 60, height - pad + 8), f"{most} votes", fill="black")
+    draw.text((pad, 15), f"{title}: judge-aligned, seen (blue) and held-out (red)", fill="black")
+    for key, colour in (("seen", "blue"), ("unseen", "red")):
+        line = [xy(p, key) for p in points]
+        draw.line(line, fill=colour, width=2)
+        for x, y in line:
+            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+    image.save(out.with_suffix(".png"))
+
+
 def continued_pretraining(project: Project, minutes: float) -> tuple[object, int]:
     """The control: keep pre-training the base on fresh batches (another seed) at a small
     constant learning rate for ``minutes``, on the plain loss of pre-training's last phase;
@@ -143,6 +224,8 @@ def main() -> None:
     ap.add_argument("--control", type=float, default=None, help="continue pre-training for this many minutes")
     ap.add_argument("--pretraining-term-only", action="store_true",
                     help="reward-weighted fine-tuning with every feedback weight zero (its control)")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="online rounds: each samples and labels the previous round's model (see online_rounds)")
     ap.add_argument("--scratch", default=str(REPO / ".aligndiff" / "bench" / "efficacy"))
     args = ap.parse_args()
     if args.pretraining_term_only and args.method != "reward_weighted":
@@ -163,6 +246,9 @@ def main() -> None:
     elif args.pretraining_term_only:
         pipe = pretraining_term_only(project)
         result = {"method": "reward_weighted_pretraining_term_only", "steps": params.finetune.reward_weighted.steps}
+    elif args.rounds:
+        result = {"method": args.method, **online_rounds(project, args.method, args.rounds, seed=12345)}
+        pipe = models.load_pipeline(project.path(f"models/round-{args.rounds}"))
     else:
         result = {"method": args.method, **feedback_round(project, args.method)}
         pipe = models.load_pipeline(project.path("models/candidate"))
@@ -179,6 +265,10 @@ def main() -> None:
                 for attr in ("count", "colour", "shape", "background")}
         for split in ("seen", "unseen")}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    if args.rounds:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        write_curve(result["curve"], base_alignment, RESULTS.parent / f"rounds-{args.method}-{stamp}",
+                    f"{args.method}, {args.rounds} online rounds")
     with open(RESULTS, "a") as fh:
         fh.write(json.dumps(result, default=str) + "\n")
     print(json.dumps({k: result[k] for k in ("method", "wall_minutes", "gain_points", "attribute_gain_points")}))

@@ -264,6 +264,9 @@ class GenerateParams(_Strict):
     images_per_prompt: int = Field(4, ge=1)
     # images per prompt that share one initial noise x_T: 1 = independent, 2 = pairs (D3PO)
     shared_noise_group: int = Field(2, ge=1)
+    # step-level pairs: a group shares x_T and every step's noise but step k's, so its images
+    # differ only by what step k drew, and D3PO trains that step (null: every step differs)
+    branch_step: int | None = Field(None, ge=0)
     batch_size: int = Field(32, ge=1)
     splits: list[Literal["train", "eval"]] = Field(["train", "eval"], min_length=1)
     # prompt ranges made in parallel by the `generate` flow (one task each); the output does not depend on it

@@ -40,8 +40,8 @@ def read_table(root: Path, relative: Path, columns: list[str], hint: str) -> pd.
 
 
 def generations(root: Path) -> pd.DataFrame:
-    frame = read_table(root, GENERATIONS, ["generation_id", "prompt", "split", "init_seed", "sampler", "image_key",
-                                            "trajectory_key"], "run `dvc repro generate`")
+    frame = read_table(root, GENERATIONS, ["generation_id", "prompt", "split", "model_version", "init_seed", "sampler",
+                                            "image_key", "trajectory_key"], "run `dvc repro generate`")
     return frame.set_index("generation_id", drop=False)
 
 

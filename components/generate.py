@@ -6,9 +6,15 @@ images that start from the same noise). PNGs and trajectories (safetensors: x_Tâ
 timesteps, per-step log-probs, prompt embeddings) go to the object store under
 content-addressed keys; ``data/generations.parquet`` (DVC-tracked) points at them.
 
+On-policy: the images are sampled from production, the model the next fine-tune
+starts from, and every row records the version of the model that made it. The
+manifest also keeps the generations of the models production descends from (the base
+and earlier promoted versions), so the labels they were given stay in use.
+
 Deterministic from the seeds. Resumable: each finished batch's manifest rows are
 recorded in the object store (``progress/generate/<run>/``), so a killed run continues
-where it stopped and yields exactly the manifest an uninterrupted run would.
+where it stopped and yields exactly the manifest an uninterrupted run would; a model's
+finished part is kept there (``manifests/generate/``) for the runs after it.
 
 Sharded: ``python -m components.generate --shard I/N`` makes only the I-th of N
 contiguous prompt ranges and records it, without writing the manifest; shards may run
@@ -48,20 +54,24 @@ class Job:
     prompt: str
     split: str
     k: int
-    seed: int
-    init_seed: int
+    seed: int  # the image's own: its step noise, or with a branch step only that step's
+    init_seed: int  # x_T, shared by the noise group
     noise_group: int
+    step_seed: int | None = None  # with a branch step: every other step's noise, shared by the group
 
 
-def plan(prompts, images_per_prompt: int, shared_noise_group: int, seed: int) -> list[Job]:
+def plan(prompts, images_per_prompt: int, shared_noise_group: int, seed: int, branch_step: int | None = None
+         ) -> list[Job]:
     """Every generation to make, in a fixed order (prompts by id, then k)."""
     jobs = []
     for row in sorted(prompts, key=lambda r: r["id"]):
         for k in range(images_per_prompt):
             group = k // shared_noise_group
+            shared = derive_seed(seed, f"{row['id']}:group{group}:steps") if branch_step is not None else None
             jobs.append(Job(prompt_id=row["id"], prompt=row["text"], split=row["split"], k=k,
                             seed=derive_seed(seed, f"{row['id']}:{k}"),
-                            init_seed=derive_seed(seed, f"{row['id']}:group{group}"), noise_group=group))
+                            init_seed=derive_seed(seed, f"{row['id']}:group{group}"), noise_group=group,
+                            step_seed=shared))
     return jobs
 
 
@@ -138,7 +148,32 @@ class Shard:
         return range(self.index * total // self.count, (self.index + 1) * total // self.count)
 
 
-def run(project: Project, model: str = "base", shard: Shard | None = None) -> dict:
+@dataclass
+class Part:
+    """The generations of one model: its batches, and where their records go."""
+    name: str
+    version: str
+    batches: list[list[Job]]
+    progress_prefix: str  # a record per finished batch, while the part is being made
+    manifest_key: str  # the part's manifest, once whole: a later run reuses it
+
+    @classmethod
+    def plan(cls, project: Project, name: str, jobs: list[Job], sampler_json: str) -> Part:
+        version = models.version_of(project, name)
+        batch_size = project.params.generate.batch_size
+        key = hashlib.sha256(json.dumps([version, sampler_json, batch_size, [(j.prompt_id, j.seed, j.init_seed)
+                                         for j in jobs]]).encode()).hexdigest()[:16]
+        return cls(name, version, [jobs[i:i + batch_size] for i in range(0, len(jobs), batch_size)],
+                   f"progress/generate/{key}/", f"manifests/generate/{key}.parquet")
+
+
+def run(project: Project, model: str | None = None, shard: Shard | None = None) -> dict:
+    """Generations of ``model``, or (None) of production and every model it descends from.
+
+    Production's are what the next annotation round labels (on-policy); its predecessors'
+    were made before, so their parts come back from the object store, and keeping them
+    in the manifest keeps their labels in use. A shard makes its range of the last part.
+    """
     import pandas as pd
     import torch
 
@@ -152,69 +187,100 @@ def run(project: Project, model: str = "base", shard: Shard | None = None) -> di
     if not prompts:
         raise UserError(f"{prompts_path}: no prompts in splits {params.generate.splits} (generate.splits)")
 
-    where = models.resolve(project, model)
-    version = models.model_version(where)
     sampler = SamplerConfig.from_params(params.sample)
-    sampler_json = json.dumps(sampler.as_dict(), sort_keys=True)
-    jobs = plan(prompts, params.generate.images_per_prompt, params.generate.shared_noise_group, params.seed)
-    batch_size = params.generate.batch_size
-    batches = [jobs[i:i + batch_size] for i in range(0, len(jobs), batch_size)]
-    run_key = hashlib.sha256(json.dumps([version, sampler_json, batch_size, [(j.prompt_id, j.seed, j.init_seed)
-                                         for j in jobs]]).encode()).hexdigest()[:16]
-    progress_prefix = f"progress/generate/{run_key}/"
+    branch_step = params.generate.branch_step
+    if branch_step is not None and branch_step >= sampler.steps:
+        raise UserError(f"generate.branch_step {branch_step}: expected a step below sample.steps ({sampler.steps})")
+    # how the images were sampled, recorded with each (and part of its id)
+    recorded = {**sampler.as_dict(), **({} if branch_step is None else {"branch_step": branch_step})}
+    sampler_json = json.dumps(recorded, sort_keys=True)
+    jobs = plan(prompts, params.generate.images_per_prompt, params.generate.shared_noise_group, params.seed,
+                branch_step)
+    parts = [Part.plan(project, name, jobs, sampler_json) for name in ([model] if model else models.lineage(project))]
     store = project.object_store()
     store.ensure_bucket()
+    todo = []  # (part, batch index) still to make
+    for i, part in enumerate(parts):
+        if (shard and i < len(parts) - 1) or store.exists(part.manifest_key):
+            continue
+        recorded = set(store.list(part.progress_prefix))
+        mine = shard.batches(len(part.batches)) if shard else range(len(part.batches))
+        todo += [(part, b) for b in mine if _record_key(part.progress_prefix, b) not in recorded]
 
-    recorded = set(store.list(progress_prefix))
-    mine = shard.batches(len(batches)) if shard else range(len(batches))
-    pending = [i for i in mine if _record_key(progress_prefix, i) not in recorded]
-    done_images = sum(len(batches[i]) for i in mine) - sum(len(batches[i]) for i in pending)
-    pipe = models.on_accelerator(models.load_pipeline(where), params.sample.dtype) if pending else None
     t0, made = time.monotonic(), 0
-    progress, task = _progress(sum(len(batches[i]) for i in mine), done_images)
+    progress, task = _progress(sum(len(part.batches[b]) for part, b in todo), 0)
     with progress:
-        for index in pending:
-            batch = batches[index]
-            traj = sample(pipe, [j.prompt for j in batch], [j.seed for j in batch], sampler,
-                          init_seeds=[j.init_seed for j in batch])
-            rows = []
-            for i, job in enumerate(batch):
-                gid = generation_id(job, version, sampler.as_dict())
-                image_key = store.put_bytes(png_bytes(traj.images[i]), "images", ".png", content_type="image/png")
-                traj_key = store.put_bytes(trajectory_bytes(traj, i, {"generation_id": gid, "prompt": job.prompt,
-                                                                      "model_version": version,
-                                                                      "sampler": sampler_json}),
-                                           "trajectories", ".safetensors")
-                rows.append({"generation_id": gid, "prompt_id": job.prompt_id, "prompt": job.prompt,
-                             "split": job.split, "model_version": version, "seed": job.seed,
-                             "init_seed": job.init_seed, "noise_group": job.noise_group, "sampler": sampler_json,
-                             "image_key": image_key, "trajectory_key": traj_key})
-            record = io.BytesIO()
-            pd.DataFrame(rows, columns=MANIFEST_COLUMNS).to_parquet(record, index=False)
-            store.put_named(_record_key(progress_prefix, index), record.getvalue())  # after the objects it names
-            made += len(batch)
-            rate = made / (time.monotonic() - t0)
-            progress.update(task, advance=len(batch), rate=f"{rate:.2f} img/s")
+        pipe, loaded = None, None
+        for part, index in todo:
+            if loaded != part.name:  # one model in memory at a time
+                pipe, loaded = models.on_accelerator(models.load_pipeline(models.resolve(project, part.name)),
+                                                     params.sample.dtype), part.name
+            made += _make_batch(store, pipe, part, index, sampler, branch_step, sampler_json)
+            progress.update(task, advance=len(part.batches[index]), rate=f"{made / (time.monotonic() - t0):.2f} img/s")
     seconds = time.monotonic() - t0
     speed = {"made_this_run": made, "images_per_second": round(made / seconds, 3) if made else None}
     if shard:
-        return {"shard": f"{shard.index + 1}/{shard.count}", "batches": len(mine),
-                "generations": sum(len(batches[i]) for i in mine), **speed}
+        return {"shard": f"{shard.index + 1}/{shard.count}", "batches": len(shard.batches(len(parts[-1].batches))),
+                "generations": sum(len(parts[-1].batches[b]) for b in shard.batches(len(parts[-1].batches))), **speed}
 
-    keys = [_record_key(progress_prefix, i) for i in range(len(batches))]
-    manifest = pd.concat([pd.read_parquet(io.BytesIO(store.get_bytes(k))) for k in keys], ignore_index=True)
+    manifest = pd.concat([_part_manifest(store, part) for part in parts], ignore_index=True)
     out = project.path(MANIFEST_OUT)
     out.parent.mkdir(parents=True, exist_ok=True)
     manifest.to_parquet(out.with_suffix(".tmp"), index=False)
     out.with_suffix(".tmp").replace(out)
     # The report is a DVC output: only deterministic facts, no timings.
-    report = {"generations": len(manifest), "prompts": len(prompts), "model_version": version,
+    report = {"generations": len(manifest), "prompts": len(prompts), "model_version": parts[-1].version,
+              "models": {part.name: part.version for part in parts},
               "splits": manifest["split"].value_counts().sort_index().to_dict()}
     report_path = project.path(REPORT_OUT)
     report_path.parent.mkdir(parents=True, exist_ok=True)
     report_path.write_text(json.dumps(report, indent=2) + "\n")
-    store.delete(keys)
     return {**report, **speed}
+
+
+def _make_batch(store, pipe, part: Part, index: int, sampler: SamplerConfig, branch_step: int | None,
+                sampler_json: str) -> int:
+    import pandas as pd
+
+    batch = part.batches[index]
+    seeds = [j.seed for j in batch]
+    if branch_step is None:
+        traj = sample(pipe, [j.prompt for j in batch], seeds, sampler, init_seeds=[j.init_seed for j in batch])
+    else:
+        traj = sample(pipe, [j.prompt for j in batch], [j.step_seed for j in batch], sampler,
+                      init_seeds=[j.init_seed for j in batch], branch_step=branch_step, branch_seeds=seeds)
+    rows = []
+    for i, job in enumerate(batch):
+        gid = generation_id(job, part.version, json.loads(sampler_json))
+        image_key = store.put_bytes(png_bytes(traj.images[i]), "images", ".png", content_type="image/png")
+        traj_key = store.put_bytes(trajectory_bytes(traj, i, {"generation_id": gid, "prompt": job.prompt,
+                                                              "model_version": part.version,
+                                                              "sampler": sampler_json}),
+                                   "trajectories", ".safetensors")
+        rows.append({"generation_id": gid, "prompt_id": job.prompt_id, "prompt": job.prompt, "split": job.split,
+                     "model_version": part.version, "seed": job.seed, "init_seed": job.init_seed,
+                     "noise_group": job.noise_group, "sampler": sampler_json, "image_key": image_key,
+                     "trajectory_key": traj_key})
+    record = io.BytesIO()
+    pd.DataFrame(rows, columns=MANIFEST_COLUMNS).to_parquet(record, index=False)
+    store.put_named(_record_key(part.progress_prefix, index), record.getvalue())  # after the objects it names
+    return len(batch)
+
+
+def _part_manifest(store, part: Part):
+    """The part's manifest: stored whole, or merged from its batch records (then stored
+    whole, and the records dropped)."""
+    import pandas as pd
+
+    if store.exists(part.manifest_key):
+        return pd.read_parquet(io.BytesIO(store.get_bytes(part.manifest_key)))
+    keys = [_record_key(part.progress_prefix, i) for i in range(len(part.batches))]
+    manifest = pd.concat([pd.read_parquet(io.BytesIO(store.get_bytes(k))) for k in keys], ignore_index=True)
+    record = io.BytesIO()
+    manifest.to_parquet(record, index=False)
+    store.put_named(part.manifest_key, record.getvalue())
+    store.delete(keys)
+    return manifest
 
 
 def _record_key(prefix: str, batch: int) -> str:

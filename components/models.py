@@ -26,16 +26,26 @@ REGISTRY = Path("models/registry.json")
 TAG_PREFIX = "policy@v"
 
 
+_RESTORE = "restore it from git (`git checkout -- models/`)"
+
+
+def production_pointer(project: Project) -> dict:
+    pointer = project.path(PRODUCTION_POINTER)
+    return read_json(pointer, _RESTORE, ("model",)) if pointer.exists() else {"model": "base"}
+
+
+def registered(project: Project) -> list[dict]:
+    """Every promoted version, oldest first (``models/registry.json``)."""
+    registry = project.path(REGISTRY)
+    return read_json(registry, _RESTORE, ("versions",))["versions"] if registry.exists() else []
+
+
 def resolve(project: Project, name: str = "base") -> Path | str:
     """A local model directory, or ``repo_id@revision`` for a pinned hub checkpoint."""
     if name == "production":
-        pointer = project.path(PRODUCTION_POINTER)
-        name = read_json(pointer, "restore it from git (`git checkout -- models/`)", ("model",))["model"] \
-            if pointer.exists() else "base"
+        name = production_pointer(project)["model"]
     if name.startswith(TAG_PREFIX):
-        registry = project.path(REGISTRY)
-        versions = read_json(registry, "restore it from git (`git checkout -- models/`)",
-                             ("versions",))["versions"] if registry.exists() else []
+        versions = registered(project)
         match = [v for v in versions if v["tag"] == name]
         if not match:
             known = ", ".join(v["tag"] for v in versions) or "none yet"
@@ -157,6 +167,37 @@ def on_accelerator(pipe, dtype: str = "float32"):
     if torch.cuda.is_available():
         return pipe.to("cuda", dtype=getattr(torch, dtype))
     return pipe
+
+
+def version_of(project: Project, name: str = "production") -> str:
+    """A model's version as generations, candidates and the registry record it.
+
+    A promoted model is known by its registered version, whether it is loaded fused
+    (``models/production``) or as its adapter (``models/registry/vN``); any other model
+    by the content hash of its directory.
+    """
+    if name == "production":
+        pointer = production_pointer(project)
+        if pointer.get("model_version"):
+            return pointer["model_version"]
+        name = pointer["model"]
+    where = resolve(project, name)
+    for version in registered(project):
+        same_directory = isinstance(where, Path) and where.resolve() == project.path(version["path"]).resolve()
+        if name == version["tag"] or same_directory:
+            return version["model_version"]
+    return model_version(where)
+
+
+def lineage(project: Project) -> list[str]:
+    """The models production descends from, oldest first, production last: ``base`` and
+    every promoted version up to production's (``policy@vN``)."""
+    current = production_pointer(project).get("model_version")
+    if not current:
+        return ["base"]
+    versions = registered(project)
+    upto = next((i for i, v in enumerate(versions) if v["model_version"] == current), None)
+    return ["base", *([v["tag"] for v in versions[:upto + 1]] if upto is not None else ["production"])]
 
 
 def model_version(where: Path | str) -> str:

@@ -58,13 +58,11 @@ def _git(project: Project, *args: str) -> subprocess.CompletedProcess:
 
 def is_production(project: Project, model_version: str) -> bool:
     """Whether this model version is already production (promoting it again would add nothing)."""
-    pointer = project.path(models.PRODUCTION_POINTER)
-    return pointer.exists() and read_json(pointer, _RESTORE).get("model_version") == model_version
+    return models.production_pointer(project).get("model_version") == model_version
 
 
 def versions(project: Project) -> list[dict]:
-    path = project.path(REGISTRY)
-    return read_json(path, _RESTORE, ("versions",))["versions"] if path.exists() else []
+    return models.registered(project)
 
 
 def model_card(card: dict) -> str:

@@ -336,7 +336,24 @@ def cmd_demo(args) -> int:
 
 FLOWS = {"reproduce": ("flows.pipeline", "reproduce"), "retrain": ("flows.pipeline", "retrain"),
          "generate": ("flows.pipeline", "generate"),
-         "annotation_round": ("flows.loop", "annotation_round"), "sync_annotations": ("flows.loop", "sync_annotations")}
+         "annotation_round": ("flows.loop", "annotation_round"), "sync_annotations": ("flows.loop", "sync_annotations"),
+         "online_rounds": ("flows.loop", "online_rounds")}
+
+
+def _flow_parameters(run_flow, flow: str, items: list[str]) -> dict:
+    """``--param NAME=VALUE`` (VALUE read as YAML: 3, true, [pairwise]) checked against the flow's signature."""
+    import inspect
+
+    import yaml
+
+    known = [n for n in inspect.signature(run_flow.fn).parameters if n != "root"]
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or name not in known:
+            raise UserError(f"--param {item}: expected NAME=VALUE with NAME one of {', '.join(known)} ({flow})")
+        out[name] = yaml.safe_load(value)
+    return out
 
 
 def cmd_run(args) -> int:
@@ -347,8 +364,9 @@ def cmd_run(args) -> int:
     _use_embedded_prefect(project)
     module, name = FLOWS[args.flow]
     run_flow = getattr(importlib.import_module(module), name)
+    parameters = _flow_parameters(run_flow, args.flow, args.param)
     print(f"full log: {_log_to_file(project, args.flow)}", file=sys.stderr, flush=True)
-    result = run_flow(root=str(project.root))
+    result = run_flow(root=str(project.root), **parameters)
     print(json.dumps(result, indent=2, default=str))
     return 0
 
@@ -419,6 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("worker", help="run a worker for the deployments (foreground)").set_defaults(func=cmd_worker)
     p = sub.add_parser("run", help="run one flow now: " + ", ".join(FLOWS))
     p.add_argument("flow", choices=list(FLOWS))
+    p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                   help="a flow parameter, e.g. `run online_rounds --param rounds=3 --param simulated=true`")
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("retrain", help="run the retrain flow: snapshot, validate, train, evaluate, gate, promote")
     p.add_argument("--force", action="store_true", help="run even without retrain.min_new_labels new labels")

@@ -1,7 +1,9 @@
-"""The feedback loop's flows besides retraining: annotation rounds and annotation sync. Wiring only."""
+"""The feedback loop's flows besides retraining: annotation rounds, annotation sync, and
+online rounds chaining them with retrain. Wiring only."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from prefect import flow, task
@@ -74,4 +76,45 @@ def sync_annotations(root: str = ".", full: bool = False) -> dict:
     if unequal:
         raise UserError(f"after a full sync the store differs from Label Studio for {', '.join(unequal)}; "
                         "annotators may have edited during the check: run it again")
+    return results
+
+
+@flow(name="online_rounds", log_prints=True)
+def online_rounds(root: str = ".", rounds: int = 1, kinds: list[str] = list(ROUND_KINDS), limit: int | None = None,
+                  simulated: bool = False, flip_rate: float = 0.1, poll_minutes: float = 10.0,
+                  max_wait_hours: float = 168.0) -> list[dict]:
+    """Chained on-policy rounds, as the trajectory methods' papers iterate: each round labels
+    images of production (the previous round's promotion), retrains from it, and what it
+    promotes is the next round's model and reference. One run shows each round's
+    annotation_round → sync_annotations → retrain.
+
+    People label in Label Studio meanwhile: the round syncs every ``poll_minutes`` until
+    retrain.min_new_labels labels arrived (at most ``max_wait_hours``); ``simulated``: the
+    simulated annotators label at once. Stops after a round that promotes nothing: the
+    next would sample the same model, so it would offer the same images again.
+    """
+    from components.annotation import rounds as annotation
+    from flows.pipeline import retrain
+
+    root = str(Path(root).resolve())
+    project = Project.load(root)
+    results = []
+    for number in range(1, rounds + 1):
+        pushed = annotation_round(root, kinds=kinds, limit=limit, seed=number, simulated=simulated,
+                                  flip_rate=flip_rate)
+        if not any(p["created"] for p in pushed["pushed"].values()):
+            print(f"round {number}: nothing new to label; stopping")
+            break
+        deadline = time.monotonic() + max_wait_hours * 3600
+        sync_annotations(root)
+        while annotation.new_labels(project) < project.params.retrain.min_new_labels and time.monotonic() < deadline:
+            time.sleep(poll_minutes * 60)
+            sync_annotations(root)
+        result = retrain(root)
+        results.append({"round": number, "pushed": {k: v["created"] for k, v in pushed["pushed"].items()},
+                        "ran": result["ran"], "promoted": result.get("promoted")})
+        if not result.get("promoted"):
+            print(f"round {number}: production unchanged; stopping (the next round would label the same images)")
+            break
+        print(f"round {number}: promoted {result['promoted']['tag']}")
     return results

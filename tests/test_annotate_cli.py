@@ -67,11 +67,16 @@ def test_an_unreachable_label_studio_is_one_line_naming_it(tmp_path, capsys, act
 
     project = Project.load(write_project(tmp_path / "offline"))
     credentials.generate_missing(project.env_file)
-    if action == "push":  # push reads its generations before it calls Label Studio
+    if action == "push":  # push reads its generations (production's) before it calls Label Studio
+        from components import models
+        from tests.models import save_tiny_world_model
+
+        version = models.model_version(save_tiny_world_model(project.path("models/base")))
         generate_manifest = project.path(generate.MANIFEST_OUT)
         generate_manifest.parent.mkdir(parents=True)
         pd.DataFrame({"generation_id": ["a", "b"], "prompt": ["p", "p"], "init_seed": [0, 0], "noise_group": [0, 0],
-                      "prompt_id": ["x", "x"], "image_key": ["k1", "k2"], "seed": [1, 2]}).to_parquet(generate_manifest)
+                      "prompt_id": ["x", "x"], "image_key": ["k1", "k2"], "seed": [1, 2],
+                      "model_version": [version, version]}).to_parquet(generate_manifest)
     assert cli(["--project", str(project.root), "annotate", action, "--kind", "pairwise"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err

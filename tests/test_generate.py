@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import torch
 from PIL import Image
 
 from components import curate, generate, models
+from components.errors import UserError
 from components.project import Project
 from flows.cli import main as cli
 from components.sampling import timestep_pairs, to_images
@@ -66,15 +68,43 @@ def test_generate_writes_manifest_and_content_addressed_objects(stack_project, t
     a, b = (generate.load_trajectory(store.get_bytes(k)) for k in pair["trajectory_key"])
     assert torch.equal(a["latents"][0], b["latents"][0]) and not torch.equal(a["latents"][-1], b["latents"][-1])
 
+    assert generate.run(project)["made_this_run"] == 0  # a model's finished part is kept in the store
+    _forget_finished_parts(project)
     again = generate.run(project)
-    assert again["made_this_run"] == 48  # a finished run leaves no shards: deterministic re-creation
+    assert again["made_this_run"] == 48  # without it, made again: deterministic re-creation
     assert pd.read_parquet(project.path(generate.MANIFEST_OUT)).equals(manifest)
+
+
+def test_branch_step_pairs_differ_only_by_that_steps_noise(stack_project, tmp_path):
+    """Step-level pairs: a group shares x_T and every step's noise but step k's."""
+    project = _world_project(stack_project, tmp_path / "branch", branch_step=1)
+    generate.run(project)
+    manifest = pd.read_parquet(project.path(generate.MANIFEST_OUT))
+    assert manifest["generation_id"].is_unique and len(manifest) == 48
+    assert {json.loads(s)["branch_step"] for s in manifest["sampler"]} == {1}
+    store = project.object_store()
+    for _, pair in list(manifest.groupby(["prompt_id", "noise_group"]))[:4]:
+        a, b = (generate.load_trajectory(store.get_bytes(k))["latents"] for k in pair["trajectory_key"])
+        assert torch.equal(a[:2], b[:2])  # x_T and step 0's result
+        assert not torch.equal(a[2], b[2])  # step 1 drew its own noise for each
+
+    bad = _world_project(stack_project, tmp_path / "bad-branch", branch_step=3)
+    with pytest.raises(UserError, match=r"^generate.branch_step 3: expected a step below sample.steps \(3\)$"):
+        generate.run(bad)
+
+
+def _forget_finished_parts(project: Project) -> None:
+    """The session's projects share one bucket, and a finished part serves every project
+    whose model and settings made it: drop them, so the next run makes its images."""
+    store = project.object_store()
+    store.delete(list(store.list("manifests/generate/")))
 
 
 def test_killed_run_resumes_to_the_same_manifest(stack_project, tmp_path):
     reference = _world_project(stack_project, tmp_path / "reference", batch_size=4)
     generate.run(reference)
     expected = pd.read_parquet(reference.path(generate.MANIFEST_OUT))
+    _forget_finished_parts(reference)
 
     project = _world_project(stack_project, tmp_path / "killed", batch_size=4)
     proc = subprocess.Popen([sys.executable, "-m", "components.generate"], cwd=project.root,
@@ -103,6 +133,7 @@ def test_shards_on_separate_processes_make_the_manifest_of_one_run(stack_project
     reference = _world_project(stack_project, tmp_path / "reference", batch_size=4)
     generate.run(reference)
     expected = pd.read_parquet(reference.path(generate.MANIFEST_OUT))
+    _forget_finished_parts(reference)
 
     project = _world_project(stack_project, tmp_path / "sharded", batch_size=4)
     shards = [subprocess.run([sys.executable, "-m", "components.generate", "--shard", f"{i}/3"], cwd=project.root,

@@ -249,6 +249,90 @@ def test_d3po_without_pairs_sharing_x_t_fails_in_one_line_and_writes_nothing(sta
     assert not (root / "models" / "candidate").exists() and not (root / "reports").exists()
 
 
+def _promote_a_lora(project: Project) -> str:
+    """Production becomes policy@v1, a LoRA on the base that changes its images, promoted
+    by the registry (the gate's pass is written by hand: the gate is test_gate_decisions')."""
+    from components import registry
+    from components.config import LoraParams
+    from components.finetune.core import attach_policy, save_candidate
+
+    tuned = models.load_pipeline(project.path("models/base"))
+    attach_policy(tuned, LoraParams())
+    with torch.no_grad():  # a LoRA starts as a no-op (B = 0): give it an effect
+        for name, param in tuned.unet.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    candidate = project.path("models/candidate")
+    save_candidate(tuned, candidate, LoraParams(), "../base", {"method": "d3po"})
+    version = models.model_version(candidate)
+    (project.root / "reports").mkdir(exist_ok=True)
+    (project.root / "reports" / "gate.json").write_text(json.dumps({"candidate": version, "passed": True,
+                                                                    "failures": [], "checked": []}))
+    (project.root / "reports" / "evaluation.json").write_text(json.dumps({"diversity": {"drop": 0.0},
+                                                                          "memorization": {"near_copy_rate": 0.0}}))
+    registry.promote(project, commit=False)
+    return version
+
+
+def _label(project: Project, gens: pd.DataFrame) -> None:
+    images = feedback.Fetcher(project.object_store()).images(list(gens["image_key"]))
+    tasks, prefs = oracle.label(gens, dict(zip(gens.index, images)), AnnotatorConfig(coverage=3, flip_rate=0.1))
+    oracle.write(tasks, prefs, project.root / "data" / "labels")
+
+
+def test_generation_and_d3po_are_on_policy_after_a_promotion(stack_project, tmp_path):
+    """After policy@v1 is promoted, generate samples it and keeps the base's generations
+    (their labels stay valid); a round labels only v1's; D3PO, starting from v1, refuses
+    pairs the base sampled and trains on v1's."""
+    from components.annotation import rounds
+
+    project = _project(stack_project, tmp_path / "onpolicy", **{"finetune.init": "production"})
+    before = pd.read_parquet(project.path(generate.MANIFEST_OUT))
+    v1 = _promote_a_lora(project)
+    assert models.version_of(project, "production") == models.version_of(project, "policy@v1") == v1
+
+    # the labels are all on the base's pairs: D3PO from v1 refuses them, in one line
+    with pytest.raises(UserError) as refused:
+        finetune_stage.finetune(project)
+    assert re.fullmatch(
+        rf"data/labels/preferences.parquet: none of the \d+ labelled pairs was sampled by production \(model {v1}\), "
+        rf"the model D3PO starts from \(they come from {before['model_version'].iloc[0]}\); D3PO learns on-policy: "
+        r"label a round of its generations first \(`aligndiff run annotation_round`\)", str(refused.value))
+
+    report = generate.run(project)
+    after = pd.read_parquet(project.path(generate.MANIFEST_OUT))
+    assert report["made_this_run"] == len(before)  # v1's only: the base's part comes back from the store
+    assert report["models"] == {"base": before["model_version"].iloc[0], "policy@v1": v1}
+    assert after.iloc[:len(before)].equals(before)  # the base's generations, so their labels, unchanged
+    made_by_v1 = after.iloc[len(before):].reset_index(drop=True)
+    assert (made_by_v1["model_version"] == v1).all()
+    assert (made_by_v1["seed"].to_numpy() == before["seed"].to_numpy()).all()  # same seeds, another model:
+    assert (made_by_v1["image_key"] != before["image_key"]).mean() > 0.5       # other images
+    assert rounds.on_policy(project, after).reset_index(drop=True).equals(made_by_v1)
+
+    gens = feedback.generations(project.root)
+    _label(project, gens)  # both models' images labelled: D3PO takes v1's pairs only
+    report = finetune_stage.finetune(project)
+    assert report["data"]["pairs_of_other_models"] > 0  # the base's, left out
+    assert report["base_version"] == v1 and report["data"]["pairs"] > 0
+
+
+def test_d3po_on_step_level_pairs_trains_their_branch_step_alone(stack_project, tmp_path):
+    project = _project(stack_project, tmp_path / "branch",
+                       **{"generate.branch_step": 1, "finetune.d3po.timestep_fraction": 1.0})
+    module, data = finetune_stage.build_d3po(project, models.load_pipeline(project.path("models/base")),
+                                             feedback.generations(project.root),
+                                             finetune_stage.usable_generations(feedback.generations(project.root),
+                                                                               project.params),
+                                             feedback.Fetcher(project.object_store()))
+    assert data["trained_steps"] == [1] and data["pairs"] > 0
+    trained = []
+    pair_logits = module.pair_logits
+    module.pair_logits = lambda pairs, step: trained.append(step) or pair_logits(pairs, step)
+    module.training_step(None, 0).backward()
+    assert trained == [1]  # not all three: timestep_fraction is 1
+
+
 def test_missing_or_inconsistent_labels_fail_with_one_line_naming_the_file(stack_project, labelled, tmp_path):
     root = sibling_project(stack_project, tmp_path / "nolabels", edit=_tiny)
     (root / "data").mkdir()

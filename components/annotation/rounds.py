@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from components import models
 from components.annotation import simulate as sim
 from components.annotation import snapshot as snap
 from components.annotation import studio
@@ -118,13 +119,24 @@ def _needs_label_studio(round_step):
     return step
 
 
+def on_policy(project: Project, manifest: pd.DataFrame) -> pd.DataFrame:
+    """The generations of production, the model the next fine-tune starts from: a round
+    labels only those (the manifest also holds its predecessors', labelled before)."""
+    current = models.version_of(project, "production")
+    mine = manifest[manifest["model_version"] == current]
+    if not len(mine):
+        raise UserError(f"{MANIFEST_OUT}: no generations of production (model {current}) to label; "
+                        "make them with `dvc repro generate`")
+    return mine
+
+
 @_needs_label_studio
 def push_round(project: Project, kind: RoundKind, k: int, limit: int | None, seed: int, on_progress=None,
                selection: str = "auto") -> dict:
     manifest_path = project.path(MANIFEST_OUT)
     if not manifest_path.exists():
         raise UserError(f"{manifest_path}: no generations to label; run `dvc repro generate` first")
-    manifest = read_parquet(manifest_path, "rebuild it with `dvc repro generate`")
+    manifest = on_policy(project, read_parquet(manifest_path, "rebuild it with `dvc repro generate`"))
     candidates = candidate_tasks(manifest, kind, k)
     if selection == "auto":
         selection = "disagreement" if (project.path("models/reward") / "config.json").exists() else "random"

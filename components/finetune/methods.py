@@ -58,11 +58,14 @@ class D3PO(PolicyModule):
     region: outside the band the gradient is zero). At θ = ref the loss is log 2.
     Ties carry no preference and never become pairs. A batch holds pair indices; each
     trajectory in it is scored once per step, whatever the number of its pairs.
+    Step-level pairs (``branch_step`` k: the two images differ only by step k's noise)
+    train step k alone: their label says nothing about the other steps.
     """
 
-    def __init__(self, pipe, cfg: FinetuneParams, seed: int, pairs: TrajectoryPairs, sampler: SamplerConfig):
+    def __init__(self, pipe, cfg: FinetuneParams, seed: int, pairs: TrajectoryPairs, sampler: SamplerConfig,
+                 branch_step: int | None = None):
         super().__init__(pipe, cfg, cfg.d3po.lr, seed)
-        self.pairs, self.sampler = pairs, sampler
+        self.pairs, self.sampler, self.branch_step = pairs, sampler, branch_step
         _, self.prevs = timestep_pairs(pipe.scheduler, len(pairs.timesteps))
 
     def log_ratio(self, images: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,7 +93,8 @@ class D3PO(PolicyModule):
 
     def training_step(self, batch, batch_idx):
         pairs = self.batch_index(batch_idx)
-        steps = step_subset(len(self.pairs.timesteps), self.cfg.d3po.timestep_fraction, self.generator("steps"))
+        steps = [self.branch_step] if self.branch_step is not None else \
+            step_subset(len(self.pairs.timesteps), self.cfg.d3po.timestep_fraction, self.generator("steps"))
         total, pairs = len(pairs), pairs[self.local_part(len(pairs))]
         self.record(pairs)
         if not len(pairs):

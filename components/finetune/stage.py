@@ -117,9 +117,21 @@ def build_d3po(project: Project, pipe, gens, usable, fetch) -> tuple[L.Lightning
     if not len(prefs):
         raise UserError(f"{feedback.PREFERENCES}: no labelled pair of train generations shares its initial noise; "
                         "D3PO needs pairwise labels on images generated with generate.shared_noise_group ≥ 2")
+    # On-policy: the trajectories' log-probs are the starting model's only if it sampled them.
+    start = models.version_of(project, cfg.init)
+    made = gens.loc[prefs["winner"], "model_version"].to_numpy()
+    mine = (made == start) & (gens.loc[prefs["loser"], "model_version"].to_numpy() == start)
+    if not mine.any():
+        found = ", ".join(sorted(set(made)))
+        raise UserError(f"{feedback.PREFERENCES}: none of the {len(prefs)} labelled pairs was sampled by {cfg.init} "
+                        f"(model {start}), the model D3PO starts from (they come from {found}); D3PO learns "
+                        "on-policy: label a round of its generations first (`aligndiff run annotation_round`)")
+    prefs, groups = prefs[mine].reset_index(drop=True), groups[mine]
     ids = sorted({*prefs["winner"], *prefs["loser"]})
     position = pd.Series(range(len(ids)), index=ids)
-    sampler = SamplerConfig(**{k: v for k, v in feedback.sampler_of(gens, ids).items() if k != "sampler"})
+    recorded = feedback.sampler_of(gens, ids)
+    branch_step = recorded.get("branch_step")  # step-level pairs: their label speaks to that step alone
+    sampler = SamplerConfig(**{k: v for k, v in recorded.items() if k not in ("sampler", "branch_step")})
     trajectories = fetch.trajectories(list(gens.loc[ids, "trajectory_key"]))
     pairs = methods.TrajectoryPairs(
         latents=torch.stack([t["latents"] for t in trajectories]),
@@ -128,10 +140,11 @@ def build_d3po(project: Project, pipe, gens, usable, fetch) -> tuple[L.Lightning
         timesteps=trajectories[0]["timesteps"],
         winner=torch.tensor(position[prefs["winner"]].to_numpy()),  # a copy: pandas' array is read-only
         loser=torch.tensor(position[prefs["loser"]].to_numpy()))
-    module = methods.D3PO(pipe, cfg, project.params.seed, pairs, sampler)
+    module = methods.D3PO(pipe, cfg, project.params.seed, pairs, sampler, branch_step)
     module.schedule = group_schedule(groups, cfg.d3po.pairs_per_batch, cfg.d3po.epochs, project.params.seed)
     return module, {"pairs": len(prefs), "trajectories": len(ids), "pairs_without_shared_noise": int((~shared).sum()),
-                    "pairs_outside_train_prompts": outside}
+                    "pairs_outside_train_prompts": outside, "pairs_of_other_models": int((~mine).sum()),
+                    "trained_steps": "all" if branch_step is None else [branch_step]}
 
 
 def build_diffusion_dpo(project: Project, pipe, gens, usable, fetch):
@@ -282,7 +295,7 @@ def finetune(project: Project) -> dict:
     torch.set_num_threads(cfg.threads)
     L.seed_everything(params.seed, verbose=False)
     where = models.resolve(project, cfg.init)
-    base_version = models.model_version(where)
+    base_version = models.version_of(project, cfg.init)
     pipe = models.on_accelerator(models.load_pipeline(where))  # float32 weights: Lightning's precision casts
     gens = feedback.generations(root)
     usable = usable_generations(gens, params)
