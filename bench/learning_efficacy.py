@@ -121,6 +121,7 @@ def online_rounds(project: Project, method: str, rounds: int, seed: int) -> dict
 
     current, votes, curve, rounds_out = "base", 0, [], []
     start = time.monotonic()
+    curate.run(project.root)
     for r in range(1, rounds + 1):
         params = project.params.model_copy(update={"finetune": project.params.finetune.model_copy(
             update={"init": current})})
