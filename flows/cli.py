@@ -353,6 +353,19 @@ def _flow_parameters(run_flow, flow: str, items: list[str]) -> dict:
         if not sep or name not in known:
             raise UserError(f"--param {item}: expected NAME=VALUE with NAME one of {', '.join(known)} ({flow})")
         out[name] = yaml.safe_load(value)
+    import logging
+
+    from prefect.exceptions import ParameterTypeError
+
+    prefect_log = logging.getLogger("prefect.flows")  # it logs the whole pydantic error before raising
+    level = prefect_log.level
+    prefect_log.setLevel(logging.CRITICAL)
+    try:
+        run_flow.validate_parameters({"root": ".", **out})
+    except ParameterTypeError as exc:  # pydantic's several lines, in one
+        raise UserError(f"--param: {' '.join(str(exc).split())}") from None
+    finally:
+        prefect_log.setLevel(level)
     return out
 
 

@@ -21,7 +21,8 @@ BAD = {
     "sample": [["--n", "0"], ["--n", "-2"], ["--n", "x"], ["--out", "{file}"], ["--prompts", "{folder}"],
                ["--prompts", "missing.txt"], ["--model", "no-such-model"], ["--seed", "1.5"]],
     "validate": [["nonsense"], ["--fullest"], ["prompts", "everything"]],
-    "run": [["nonsense"], []],
+    "run": [["nonsense"], [], ["online_rounds", "--param", "rounds=abc"], ["online_rounds", "--param", "nope=1"],
+            ["retrain", "--param", "force"]],
     "models": [["delete"], ["list", "--yaml"]],
     "params": [["--flat"]],
 }
@@ -60,3 +61,16 @@ def test_bad_command_lines_exit_non_zero_in_one_line_and_change_nothing(tmp_path
         assert len(err) == 1 and ": error: " in err[0], (argv, err)
         assert "Traceback" not in captured.err
         assert _tree(root) == before, argv
+
+
+def test_a_bad_flow_parameter_is_one_line_naming_it(tmp_path, capsys):
+    root = write_project(tmp_path / "project")
+    credentials.generate_missing(root / ".env")
+    assert main(["--project", str(root), "run", "online_rounds", "--param", "rounds=abc"]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "aligndiff: error: --param: Flow run received invalid parameters: - rounds: Input should be a valid integer, "
+        "unable to parse string as an integer"]
+    assert main(["--project", str(root), "run", "online_rounds", "--param", "round=2"]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "aligndiff: error: --param round=2: expected NAME=VALUE with NAME one of rounds, kinds, limit, simulated, "
+        "flip_rate, poll_minutes, max_wait_hours (online_rounds)"]
