@@ -6,8 +6,11 @@ arguments meet a real connection refusal, which must be one line too.
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
+
+import pytest
 
 from components import credentials
 from flows.cli import main
@@ -28,6 +31,16 @@ BAD = {
 }
 ACTIONS = {"annotate": ["push", "simulate", "sync", "snapshot", "bogus"], "sample": [""], "validate": [""],
            "run": [""], "models": [""], "params": [""]}
+
+
+@pytest.fixture(autouse=True)
+def _own_environment():
+    """`aligndiff run` points this process's Prefect client at the project's server through
+    os.environ; the environment is put back after each test."""
+    before = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(before)
 
 
 def _tree(root: Path) -> dict[str, int]:
