@@ -192,8 +192,8 @@ def run(project: Project, model: str | None = None, shard: Shard | None = None) 
     if branch_step is not None and branch_step >= sampler.steps:
         raise UserError(f"generate.branch_step {branch_step}: expected a step below sample.steps ({sampler.steps})")
     # how the images were sampled, recorded with each (and part of its id)
-    recorded = {**sampler.as_dict(), **({} if branch_step is None else {"branch_step": branch_step})}
-    sampler_json = json.dumps(recorded, sort_keys=True)
+    sampled_with = {**sampler.as_dict(), **({} if branch_step is None else {"branch_step": branch_step})}
+    sampler_json = json.dumps(sampled_with, sort_keys=True)
     jobs = plan(prompts, params.generate.images_per_prompt, params.generate.shared_noise_group, params.seed,
                 branch_step)
     parts = [Part.plan(project, name, jobs, sampler_json) for name in ([model] if model else models.lineage(project))]
