@@ -81,11 +81,7 @@ def feedback_round(project: Project, method: str) -> dict:
     curate.run(project.root)
     generate.run(project)
     timings["generate_s"] = time.monotonic() - start
-    gens = feedback.generations(project.root)
-    images = feedback.Fetcher(project.object_store()).images(list(gens["image_key"]))
-    tasks, prefs = oracle.label(gens, dict(zip(gens.index, images)), AnnotatorConfig(coverage=3, flip_rate=0.1))
-    oracle.write(tasks, prefs, project.path("data/labels"))
-    labels = {"tasks": len(tasks), "votes": 3 * len(tasks), "preferences": len(prefs)}
+    labels = label_round(project, binary=True)
     if method in ("prdp", "reward_weighted"):
         t = time.monotonic()
         reward = reward_train.train_reward(project.params, project.root, project.object_store())
@@ -98,13 +94,13 @@ def feedback_round(project: Project, method: str) -> dict:
     return {"labels": labels, "finetune": report, "timings": timings}
 
 
-def label_round(project: Project, method: str) -> dict:
-    """The simulated annotators' votes on the manifest's generations: pairwise only for the
-    pair methods, binary and pairwise where a reward model is trained (PRDP, reward-weighted)."""
+def label_round(project: Project, binary: bool) -> dict:
+    """The simulated annotators' votes (3 per task, 10% flipped) on the manifest's generations:
+    pairwise tasks, and with ``binary`` one binary task per image too."""
     gens = feedback.generations(project.root)
     images = feedback.Fetcher(project.object_store()).images(list(gens["image_key"]))
     tasks, prefs = oracle.label(gens, dict(zip(gens.index, images)), AnnotatorConfig(coverage=3, flip_rate=0.1),
-                                binary=method in ("prdp", "reward_weighted"))
+                                binary=binary)
     oracle.write(tasks, prefs, project.path("data/labels"))
     return {"tasks": len(tasks), "votes": 3 * len(tasks), "preferences": len(prefs)}
 
@@ -127,7 +123,7 @@ def online_rounds(project: Project, method: str, rounds: int, seed: int) -> dict
             update={"init": current})})
         this = dataclasses.replace(project, params=params)
         generate.run(this, model=current)
-        labels = label_round(this, method)
+        labels = label_round(this, binary=method in ("prdp", "reward_weighted"))  # a reward model learns from those
         votes += labels["votes"]
         if method in ("prdp", "reward_weighted"):
             labels["reward_vs_judge"] = reward_train.train_reward(params, this.root, this.object_store()).get(

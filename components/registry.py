@@ -33,8 +33,6 @@ from components.files import read_json
 from components.gate import DECISION_OUT
 from components.project import Project
 
-_RESTORE = "restore it from git (`git checkout -- models/`)"
-
 PRODUCTION_DIR = Path("models/production")
 REGISTRY_DIR = Path("models/registry")
 REGISTRY = models.REGISTRY
@@ -184,6 +182,5 @@ def _record_in_git(project: Project, tag: str, build_commit: str | None) -> None
 
 
 def listing(project: Project) -> list[dict]:
-    pointer = project.path(models.PRODUCTION_POINTER)
-    current = read_json(pointer, _RESTORE, ("version",))["version"] if pointer.exists() else None
+    current = models.production_pointer(project).get("version")
     return [{**v, "production": v["version"] == current} for v in versions(project)]
