@@ -44,12 +44,11 @@ from components.world.alignment import evaluate, split_compositions  # noqa: E40
 RESULTS = REPO / "bench" / "results" / "efficacy.jsonl"
 
 
-def scratch_project(root: Path, overrides: list[str]) -> Project:
-    shutil.rmtree(root, ignore_errors=True)
-    (root / "models").mkdir(parents=True)
+def params_with(overrides: list[str], **sections) -> dict:
+    """The repo's params.yaml, ``sections`` merged in, then ``KEY.PATH=VALUE`` overrides (VALUE read as YAML)."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["generate"]["splits"] = ["train"]
-    params["finetune"]["init"] = "base"
+    for section, values in sections.items():
+        params[section].update(values)
     for item in overrides:
         dotted, value = item.split("=", 1)
         node = params
@@ -57,6 +56,13 @@ def scratch_project(root: Path, overrides: list[str]) -> Project:
         for key in parents:
             node = node[key]
         node[leaf] = yaml.safe_load(value)
+    return params
+
+
+def scratch_project(root: Path, overrides: list[str]) -> Project:
+    shutil.rmtree(root, ignore_errors=True)
+    (root / "models").mkdir(parents=True)
+    params = params_with(overrides, generate={"splits": ["train"]}, finetune={"init": "base"})
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     shutil.copy(REPO / ".env", root / ".env")
     (root / ".aligndiff").symlink_to(REPO / ".aligndiff")  # the running services' credentials and ports

@@ -370,6 +370,7 @@ class FinetuneParams(_Strict):
     accumulate_grad_batches: int = Field(1, ge=1)
     gradient_clip: float = Field(1.0, gt=0)
     checkpoint_every: int = Field(10, ge=1)
+    sample_grid_every: int | None = Field(400, ge=1)  # steps between the policy's sample grids (DVCLive); None: never
     threads: int = Field(2, ge=1)
     d3po: D3poParams = D3poParams()
     prdp: PrdpParams = PrdpParams()

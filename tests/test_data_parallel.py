@@ -6,18 +6,17 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
 
-import pandas as pd
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
 
+from components import live
 from components.finetune import stage as finetune_stage
 from components.reward import train as reward_train
 from tests.conftest import last_checkpoint_step
@@ -60,7 +59,7 @@ def candidate(project) -> dict[str, torch.Tensor]:
 def test_two_processes_train_what_one_does_each_on_its_own_share(project, method):
     run_finetune(project, method, 1)
     alone, alone_report = candidate(project), json.loads(project.path(finetune_stage.REPORT_OUT).read_text())
-    alone_curve = shutil.copy(project.path(finetune_stage.CURVE_OUT), project.root / "alone_curve.csv")
+    alone_norms = live.curve(project.root, "finetune", "grad_norm")["grad_norm"]
     result = run_finetune(project, method, 2)
     together, report = candidate(project), json.loads(project.path(finetune_stage.REPORT_OUT).read_text())
     TWO_PROCESSES[method] = together
@@ -73,8 +72,8 @@ def test_two_processes_train_what_one_does_each_on_its_own_share(project, method
     assert report["steps"] == alone_report["steps"]
     # the gradients were averaged, not summed (Adam would not tell: it is scale-free): the
     # first step's gradient norm, after the processes' all-reduce, is the one process's
-    norms = [pd.read_csv(path)["grad_norm"] for path in (alone_curve, project.path(finetune_stage.CURVE_OUT))]
-    assert norms[1].iloc[0] == pytest.approx(norms[0].iloc[0], rel=1e-4)
+    norms = live.curve(project.root, "finetune", "grad_norm")["grad_norm"]
+    assert norms.iloc[0] == pytest.approx(alone_norms.iloc[0], rel=1e-4)
     # and the model is the one process's: the same update
     assert together.keys() == alone.keys()
     up = [k for k in alone if "lora_B" in k or "lora.up" in k]

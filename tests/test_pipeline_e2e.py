@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from components import live
 from tests import prefect_ui
 from tests.conftest import REPO, run
 
@@ -69,7 +70,7 @@ def test_reproduce_builds_every_stage_then_does_nothing(pipeline_project, prefec
         assert sum(line.endswith(f" - {stage}: started") for line in lines) == 1, lines
         assert sum(f" - {stage}: done in " in line for line in lines) == 1, lines
     noise = ("To track the changes with git", "To enable auto staging", "Writing model shards",
-             "Loading pipeline components", "`Trainer.fit` stopped", "Tip:")
+             "Loading pipeline components", "Loading weights", "`Trainer.fit` stopped", "Tip:", "Warning:")
     assert [line for line in lines if line.startswith(noise) or any(n in line for n in noise)] == []
     world = {"pretrain_vae", "pretrain_clip", "pretrain"}
     assert set(first["stages_run"]) == {"curate", *world, "evaluate_base", "generate"}
@@ -80,12 +81,17 @@ def test_reproduce_builds_every_stage_then_does_nothing(pipeline_project, prefec
 
     root = pipeline_project
     assert (root / "models" / "base" / "model_index.json").exists()
+    # the base is the same bytes wherever the project lives (its version names its generations)
+    assert not [p for p in (root / "models" / "base").rglob("*.json") if str(root) in p.read_text()]
     metrics = json.loads((root / "reports" / "base_metrics.json").read_text())
     assert set(metrics) == {"seen", "unseen"}
     assert metrics["seen"]["images"] == 72 and metrics["unseen"]["images"] == 24
     assert {"aligned", "count", "colour", "shape", "background"} <= set(metrics["seen"])
-    curve = pd.read_csv(root / "reports" / "pretrain_curve.csv")
-    assert curve["step"].tolist() == [1, 2, 3, 4] and curve["align_seen"].notna().sum() == 2
+    # DVCLive's curves: a row per step, the probes and sample grids where they ran
+    assert live.curve(root, "pretrain", "loss")["step"].tolist() == [1, 2, 3, 4]
+    assert len(live.curve(root, "pretrain", "align_seen")) == 2
+    grids = sorted(p.name for p in (live.live_dir(root, "pretrain") / live.IMAGES / "samples").iterdir())
+    assert grids == [f"{step}.png" for step in live.curve(root, "pretrain", "align_seen")["step"]]
     manifest = pd.read_parquet(root / "data" / "generations.parquet")
     assert len(manifest) == 24 * 2
 

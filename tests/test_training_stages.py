@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from components import curate, feedback, generate, models
+from components import curate, feedback, generate, live, models
 from components.annotation import oracle
 from components.annotation.simulate import AnnotatorConfig
 from components.errors import UserError
@@ -88,8 +88,8 @@ def test_lee_reward_trains_reports_metrics_and_round_trips(labelled):
     assert {"accuracy", "auc", "calibration_error"} <= set(metrics["validation"])
     assert "judge_on_unseen_prompts" in metrics
     assert json.loads(labelled.path(reward_train.METRICS_OUT).read_text()) == metrics
-    curve = pd.read_csv(labelled.path(reward_train.CURVE_OUT))
-    assert curve["step"].iloc[-1] == 15 and curve["loss"].notna().all()
+    curve = live.curve(labelled.root, "train_reward", "loss")
+    assert curve["step"].tolist() == list(range(1, 16)) and curve["loss"].notna().all()
 
     saved = load_file(labelled.path(reward_train.MODEL_OUT) / "diffusion_pytorch_model.safetensors")
     assert saved and all(k.startswith(("mlp.", "out.")) for k in saved)  # the heads only: the world CLIP is frozen
@@ -209,8 +209,10 @@ def test_every_method_fine_tunes_into_a_loadable_candidate(labelled, method):
     tuned_out = pipe.unet(torch.zeros(1, 4, 8, 8), 500, cond).sample
     base_out = base.unet(torch.zeros(1, 4, 8, 8), 500, cond).sample
     assert not torch.equal(tuned_out, base_out)
-    curve = pd.read_csv(project.path(finetune_stage.CURVE_OUT))
-    assert len(curve) == report["steps"] and curve["loss"].notna().all()
+    curve = live.curve(project.root, "finetune", "loss")
+    assert curve["step"].tolist() == list(range(1, report["steps"] + 1)) and curve["loss"].notna().all()
+    grids = live.live_dir(project.root, "finetune") / live.IMAGES / "samples"
+    assert [p.name for p in grids.iterdir()] == [f"{report['steps']}.png"]  # fewer steps than sample_grid_every
     assert not list((project.state_dir / "checkpoints" / "finetune").glob("*/last.ckpt"))
 
 
@@ -389,6 +391,11 @@ def test_killed_fine_tune_resumes_to_the_same_model(stack_project, tmp_path):
     resumed = load_file(project.path(finetune_stage.CANDIDATE_OUT) / "pytorch_lora_weights.safetensors")
     assert expected.keys() == resumed.keys()
     assert all(torch.equal(expected[k], resumed[k]) for k in expected)
+    # and so are its curves and grids, byte for byte: no row of the killed run twice, none missing
+    curves = [live.live_dir(p.root, "finetune") for p in (reference, project)]
+    files = [sorted(f.relative_to(c) for f in c.rglob("*") if f.is_file()) for c in curves]
+    assert files[0] == files[1] and any(f.suffix == ".png" for f in files[0])
+    assert all((curves[0] / f).read_bytes() == (curves[1] / f).read_bytes() for f in files[0])
 
 
 def test_active_selection_pushes_the_tasks_the_ensemble_disagrees_on_most(labelled):

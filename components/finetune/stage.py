@@ -14,7 +14,8 @@ composition held out of pre-training, so evaluation on them measures generalisat
 Checkpoints go to ``<state>/checkpoints/finetune/<run key>``: a killed run resumes
 where it stopped when the stage is re-run with the same inputs.
 Outputs: ``models/candidate`` (a diffusers LoRA adapter + candidate.json, or a full
-pipeline), ``reports/finetune.json``, ``reports/finetune_curve.csv``.
+pipeline), ``reports/finetune.json``, and in ``reports/live/finetune`` (DVCLive) the
+training curves with sample grids of the policy at ``finetune.sample_grid_every`` steps.
 Run as a stage: ``python -m components.finetune.stage``.
 """
 
@@ -33,27 +34,19 @@ import numpy as np
 import pandas as pd
 import torch
 
-from components import feedback, models
+from components import feedback, live, models
 from components.config import Params
-from components.curves import MetricsCurve
 from components.errors import UserError
 from components.finetune import methods
 from components.finetune.core import encode_images, encode_text, save_candidate
 from components.progress import on_terminal, progress_callbacks
 from components.project import Project
-from components.sampling import Conditioning, SamplerConfig
+from components.sampling import Conditioning, SamplerConfig, derive_seed
 
 CANDIDATE_OUT = Path("models/candidate")
 REWARD_MODEL = Path("models/reward")
 PROMPTS = Path("data/prompts.parquet")
 REPORT_OUT = Path("reports/finetune.json")
-CURVE_OUT = Path("reports/finetune_curve.csv")
-CURVE_FIELDS = {
-    "d3po": ["loss", "implicit_accuracy", "clamped_fraction", "grad_norm"],
-    "prdp": ["loss", "reward_mean", "reward_std", "clip_fraction", "approx_kl", "grad_norm"],
-    "reward_weighted": ["loss", "weighted_mse", "prior_mse", "reward_mean", "grad_norm"],
-    "diffusion_dpo": ["loss", "implicit_accuracy", "grad_norm"],
-}
 
 
 def usable_generations(gens: pd.DataFrame, params: Params) -> pd.DataFrame:
@@ -262,16 +255,32 @@ def run_key(params: Params, inputs: list[Path], base_version: str) -> str:
     return digest.hexdigest()[:12]
 
 
-def trainer_for(cfg, steps: int, callbacks: list) -> tuple[L.Trainer, torch.utils.data.DataLoader]:
-    """The Trainer (the engineering: devices, precision, accumulation, clipping) and the step
-    loader; the modules draw their own batches, so the loader only counts micro-batches."""
+def sample_grids(project: Project) -> live.SampleGrids:
+    """The policy's samples of the first four eval prompts (the evaluation grid's first
+    rows), two fixed seeds each, every ``finetune.sample_grid_every`` steps (a grid costs
+    ≈ 1 s on 2 cores: bench/logging_overhead.py)."""
+    params = project.params
+    prompts = feedback.read_table(project.root, PROMPTS, ["id", "text", "split"], "run `dvc repro curate`")
+    texts = list(prompts[prompts["split"] == "eval"].sort_values("id")["text"].head(4))
+    seeds = [derive_seed(params.seed, f"finetune-grid:{k}") for k in range(2)]
+    return live.SampleGrids(lambda module: module.pipe, texts, seeds, SamplerConfig.from_params(params.sample),
+                            params.finetune.sample_grid_every)
+
+
+def trainer_for(cfg, steps: int, callbacks: list, logger: live.StageLogger | None = None
+                ) -> tuple[L.Trainer, torch.utils.data.DataLoader]:
+    """The Trainer (the engineering: devices, precision, accumulation, clipping, logging)
+    and the step loader; the modules draw their own batches, so the loader only counts
+    micro-batches."""
     trainer = L.Trainer(
         max_steps=steps, accelerator=cfg.accelerator, devices=cfg.devices, strategy=cfg.strategy,
         num_nodes=cfg.num_nodes, precision=cfg.precision, accumulate_grad_batches=cfg.accumulate_grad_batches,
-        gradient_clip_val=cfg.gradient_clip, logger=False, enable_model_summary=False, num_sanity_val_steps=0,
+        gradient_clip_val=cfg.gradient_clip, logger=logger or False, log_every_n_steps=1,
+        enable_model_summary=False, num_sanity_val_steps=0,
         use_distributed_sampler=False,  # the loader only counts steps: every process counts them all
         enable_checkpointing=any(isinstance(c, L.pytorch.callbacks.ModelCheckpoint) for c in callbacks),
-        callbacks=[*callbacks, *progress_callbacks(f"finetune ({cfg.method})")], enable_progress_bar=on_terminal())
+        callbacks=[*callbacks, *([live.ResumedCurves()] if logger else []),
+                   *progress_callbacks(f"finetune ({cfg.method})")], enable_progress_bar=on_terminal())
     return trainer, torch.utils.data.DataLoader(range(steps * cfg.accumulate_grad_batches), batch_size=1)
 
 
@@ -308,10 +317,11 @@ def finetune(project: Project) -> dict:
     every = cfg.checkpoint_every
     if cfg.method == "prdp":  # checkpoint at epoch boundaries: a resumed run re-samples exactly there
         every = math.ceil(every / cfg.prdp.updates_per_epoch) * cfg.prdp.updates_per_epoch
-    curve = MetricsCurve(root / CURVE_OUT, CURVE_FIELDS[cfg.method])
     checkpoints = L.pytorch.callbacks.ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=every, save_last=True,
                                                       save_top_k=0)
-    trainer, loader = trainer_for(cfg, steps, [checkpoints, curve])
+    grids = [sample_grids(project)] if cfg.sample_grid_every else []
+    trainer, loader = trainer_for(cfg, steps, [checkpoints, *grids],
+                                  live.StageLogger(root, "finetune", resuming=last.exists()))
     trainer.fit(module, loader, ckpt_path=str(last) if last.exists() else None)
     per_process = examples_per_process(module, trainer)
     if not trainer.is_global_zero:  # the processes hold the same weights: one writes them
@@ -321,11 +331,10 @@ def finetune(project: Project) -> dict:
     description = {"method": cfg.method, "base_version": base_version, "steps": steps, "data": data,
                    "processes": per_process}
     save_candidate(pipe, root / CANDIDATE_OUT, cfg.lora, relative_base, description)
-    final = {k: v for k, v in (curve.rows[-1] if curve.rows else {}).items() if v != ""}
+    final = {k: round(v, 6) for k, v in live.last_values(root, "finetune").items()}
     report = {**description, "final": final}
     (root / REPORT_OUT).parent.mkdir(parents=True, exist_ok=True)
     (root / REPORT_OUT).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-    curve.write()
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     return report
 

@@ -15,8 +15,9 @@ grammar to perturb a prompt, so elsewhere it applies to world prompts only.
 Labelled prompts are split (seeded) into train and validation; metrics on the
 validation prompts (accuracy, AUC, calibration error) and, in the world profile,
 against the judge on the generations of every prompt the reward never saw.
-Outputs: ``models/reward`` (safetensors + config), ``reports/reward_metrics.json``,
-``reports/reward_curve.csv``. Run as a stage: ``python -m components.reward.train``.
+Outputs: ``models/reward`` (safetensors + config), ``reports/reward_metrics.json``, the
+training curves in ``reports/live/train_reward`` (DVCLive).
+Run as a stage: ``python -m components.reward.train``.
 """
 
 from __future__ import annotations
@@ -32,16 +33,14 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from components import feedback
+from components import feedback, live
 from components.config import Params, RewardParams
-from components.curves import MetricsCurve
 from components.errors import UserError
 from components.reward.model import ClipRewardScorer
 from components.world.grammar import parse_prompt
 
 MODEL_OUT = Path("models/reward")
 METRICS_OUT = Path("reports/reward_metrics.json")
-CURVE_OUT = Path("reports/reward_curve.csv")
 
 
 def perturbed_prompts(prompt: str, n: int, rng: np.random.Generator) -> list[str] | None:
@@ -187,13 +186,13 @@ def train_reward(params: Params, root: Path, store) -> dict:
         module = RewardModule(scorer, cfg, params.seed, images, prompts, pairs=pairs)
         samples = np.arange(len(pairs))
 
-    curve = MetricsCurve(root / CURVE_OUT, ["loss", "mse" if cfg.kind == "lee" else "accuracy"], every=10)
     samples = samples.tolist()
     sampler = torch.utils.data.RandomSampler(samples, replacement=True, num_samples=cfg.steps * cfg.batch_size,
                                              generator=torch.Generator().manual_seed(params.seed))
     loader = torch.utils.data.DataLoader(samples, batch_size=cfg.batch_size, sampler=sampler)
-    trainer = L.Trainer(max_steps=cfg.steps, accelerator="cpu", devices=1, deterministic=True, logger=False,
-                        callbacks=[curve], enable_model_summary=False, enable_checkpointing=False)
+    trainer = L.Trainer(max_steps=cfg.steps, accelerator="cpu", devices=1, deterministic=True,
+                        logger=live.StageLogger(root, "train_reward", resuming=False), log_every_n_steps=1,
+                        enable_model_summary=False, enable_checkpointing=False)
     trainer.fit(module, loader)
     scorer.model.eval()
 
@@ -205,7 +204,6 @@ def train_reward(params: Params, root: Path, store) -> dict:
     tmp.rename(out)
     (root / METRICS_OUT).parent.mkdir(parents=True, exist_ok=True)
     (root / METRICS_OUT).write_text(json.dumps(metrics, indent=2) + "\n")
-    curve.write()
     return metrics
 
 

@@ -15,14 +15,14 @@ resumes to the same model.
 
 Outputs: ``models/base``, a stock ``StableDiffusionPipeline`` with the EMA UNet
 (``StableDiffusionPipeline.from_pretrained("models/base")`` samples it, no project code
-needed), and ``reports/pretrain_curve.csv`` (loss and judge-alignment probes, for
-``dvc plots``). Run as a stage: ``python -m components.world.pretrain``.
+needed), and in ``reports/live/pretrain`` (DVCLive) the loss, learning rate and
+judge-alignment probes, with the EMA model's sample grids at the probes.
+Run as a stage: ``python -m components.world.pretrain``.
 """
 
 from __future__ import annotations
 
 import copy
-import csv
 import shutil
 import sys
 from pathlib import Path
@@ -32,11 +32,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from components import live
 from components.config import Params
 from components.sampling import SamplerConfig, derive_seed, to_pixels
 from components.stage import run_stage
 from components.world import training
-from components.world.alignment import evaluate_splits
+from components.world.alignment import evaluate_splits, split_compositions
 from components.world.grammar import BACKGROUND_RGB
 from components.world.model import assemble, build_scheduler, build_unet, latent_size, text_encoder_of
 from components.world.pretrain_clip import MODEL_OUT as CLIP_DIR
@@ -45,8 +46,6 @@ from components.world.pretrain_vae import MODEL_OUT as VAE_DIR
 from components.world.render import shape_corners
 
 MODEL_OUT = Path("models/base")
-CURVE_OUT = Path("reports/pretrain_curve.csv")
-CURVE_FIELDS = ["step", "loss", "lr", "align_seen", "align_unseen"]
 
 
 def load_parts(root: Path):
@@ -60,6 +59,7 @@ def load_parts(root: Path):
         if not (where / "config.json").exists():
             raise UserError(f"{where}: not built yet; run `dvc repro {stage}`")
     vae = AutoencoderKL.from_pretrained(root / VAE_DIR).requires_grad_(False).eval()
+    vae.register_to_config(_name_or_path=str(VAE_DIR))  # saved with the base: no trace of where the project lives
     clip = CLIPModel.from_pretrained(root / CLIP_DIR).requires_grad_(False).eval()
     return vae, clip, AutoTokenizer.from_pretrained(root / CLIP_DIR)
 
@@ -134,40 +134,29 @@ class PretrainModule(L.LightningModule):
         return assemble(self.vae, self.text_encoder, self.tokenizer, self.ema_unet)
 
 
-class CurveWriter(L.Callback):
-    """Training curve for `dvc plots`: smoothed loss every step, alignment probes of the EMA model."""
+class AlignmentProbes(L.Callback):
+    """Judge alignment of the EMA model, seen and held-out compositions, every ``probe_every`` steps."""
 
-    def __init__(self, path: Path, params: Params):
-        self.path, self.params = path, params
-        self.smoothed: float | None = None
-        self.rows: list[dict] = []
+    def __init__(self, params: Params):
+        self.params = params
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        loss = float(outputs["loss"])
-        self.smoothed = loss if self.smoothed is None else 0.98 * self.smoothed + 0.02 * loss
-        step = trainer.global_step
-        row = {"step": step, "loss": round(self.smoothed, 5),
-               "lr": f"{trainer.optimizers[0].param_groups[0]['lr']:.3g}", "align_seen": "", "align_unseen": ""}
-        cfg = self.params.pretrain
-        if step % cfg.probe_every == 0 or step == cfg.steps:
-            probe = evaluate_splits(module.ema_pipeline(), self.params.world.holdout,
-                                    cfg.probe_images_per_composition, self.params.seed,
-                                    SamplerConfig.from_params(self.params.sample))
-            row["align_seen"], row["align_unseen"] = probe["seen"]["aligned"], probe["unseen"]["aligned"]
-        self.rows.append(row)
+        step, cfg = trainer.global_step, self.params.pretrain
+        if step % cfg.probe_every and step != cfg.steps:
+            return
+        probe = evaluate_splits(module.ema_pipeline(), self.params.world.holdout, cfg.probe_images_per_composition,
+                                self.params.seed, SamplerConfig.from_params(self.params.sample))
+        trainer.logger.log_at({"align_seen": probe["seen"]["aligned"], "align_unseen": probe["unseen"]["aligned"]},
+                              step)
 
-    def state_dict(self):
-        return {"rows": self.rows, "smoothed": self.smoothed}
 
-    def load_state_dict(self, state):
-        self.rows, self.smoothed = state["rows"], state["smoothed"]
-
-    def write(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=CURVE_FIELDS)
-            writer.writeheader()
-            writer.writerows(self.rows)
+def sample_grids(params: Params) -> live.SampleGrids:
+    """The EMA model's samples at the probes: four seen compositions, then four held-out ones."""
+    splits = split_compositions(params.world.holdout)
+    prompts = [c.prompt for name in ("seen", "unseen") for c in splits[name][::max(1, len(splits[name]) // 4)][:4]]
+    seeds = [derive_seed(params.seed, f"pretrain-grid:{k}") for k in range(4)]
+    return live.SampleGrids(lambda module: module.ema_pipeline(), prompts, seeds,
+                            SamplerConfig.from_params(params.sample), params.pretrain.probe_every)
 
 
 def pretrain(params: Params, root: Path, state_dir: Path) -> dict:
@@ -179,12 +168,11 @@ def pretrain(params: Params, root: Path, state_dir: Path) -> dict:
                            vae=vae.config.scaling_factor, clip=str(clip.config.text_config))
     ckpt_dir = state_dir / "checkpoints" / "pretrain" / key
     module = PretrainModule(vae, clip, tokenizer, params)
-    curve = CurveWriter(root / CURVE_OUT, params)
-    training.fit(module, "pretrain", cfg.steps, cfg.checkpoint_every, ckpt_dir, callbacks=(curve,))
+    training.fit(module, "pretrain", root, cfg.steps, cfg.checkpoint_every, ckpt_dir,
+                 callbacks=(AlignmentProbes(params), sample_grids(params)))
     training.save_directory(root / MODEL_OUT, module.ema_pipeline().save_pretrained)
-    curve.write()
     shutil.rmtree(ckpt_dir, ignore_errors=True)
-    return curve.rows[-1] if curve.rows else {}
+    return live.last_values(root, "pretrain")
 
 
 def _stage(project) -> str:

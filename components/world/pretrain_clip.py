@@ -7,8 +7,9 @@ pair. A batch holds the same caption several times, so the contrastive targets a
 every matching caption, not only the diagonal. Its text tower becomes the base
 pipeline's frozen text encoder; both towers are the frozen encoder under the reward heads.
 
-Outputs: ``models/clip`` (model, tokenizer, image processor: ``from_pretrained``-ready)
-and ``reports/pretrain_clip.json`` (zero-shot prompt retrieval on fresh renders).
+Outputs: ``models/clip`` (model, tokenizer, image processor: ``from_pretrained``-ready),
+``reports/pretrain_clip.json`` (zero-shot prompt retrieval on fresh renders) and the loss
+curve in ``reports/live/pretrain_clip`` (DVCLive).
 Run as a stage: ``python -m components.world.pretrain_clip``.
 """
 
@@ -97,7 +98,7 @@ def pretrain_clip(params: Params, root: Path, state_dir: Path) -> dict:
                            noise=params.pretrain.caption_noise.model_dump(), pretrain_clip=cfg.model_dump())
     ckpt_dir = state_dir / "checkpoints" / "pretrain_clip" / key
     module = ClipModule(params)
-    training.fit(module, "pretrain_clip", cfg.steps, cfg.checkpoint_every, ckpt_dir)
+    training.fit(module, "pretrain_clip", root, cfg.steps, cfg.checkpoint_every, ckpt_dir)
     clip = module.clip.eval()
     report = {"retrieval": retrieval(clip, module.tokenizer, params)}
     return training.finish(root, MODEL_OUT, lambda where: save_clip(clip, module.tokenizer, where), REPORT_OUT,

@@ -8,7 +8,8 @@ gives the same verdict on the decoded image as on the render itself, for the tru
 prompt and for every prompt that differs in one attribute (the near-misses). The loss
 weighs up the pixels the verdict hangs on: shape edges, corners and the gaps between shapes.
 
-Outputs: ``models/vae`` and ``reports/pretrain_vae.json``.
+Outputs: ``models/vae``, ``reports/pretrain_vae.json`` and the loss curve in
+``reports/live/pretrain_vae`` (DVCLive).
 Run as a stage: ``python -m components.world.pretrain_vae``.
 """
 
@@ -109,7 +110,7 @@ def pretrain_vae(params: Params, root: Path, state_dir: Path) -> dict:
                            pretrain_vae=cfg.model_dump())
     ckpt_dir = state_dir / "checkpoints" / "pretrain_vae" / key
     module = VaeModule(params)
-    training.fit(module, "pretrain_vae", cfg.steps, cfg.checkpoint_every, ckpt_dir)
+    training.fit(module, "pretrain_vae", root, cfg.steps, cfg.checkpoint_every, ckpt_dir)
     vae = module.vae.eval()
 
     # fresh renders of all 96 compositions (held-out ones too: the base will draw them)

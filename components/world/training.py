@@ -18,6 +18,7 @@ import lightning as L
 import numpy as np
 import torch
 
+from components import live
 from components.config import PretrainParams
 from components.models import quiet_model_io
 from components.progress import on_terminal, progress_callbacks
@@ -61,16 +62,19 @@ def run_key(**settings) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def fit(module: L.LightningModule, label: str, steps: int, checkpoint_every: int, ckpt_dir: Path,
+def fit(module: L.LightningModule, stage: str, root: Path, steps: int, checkpoint_every: int, ckpt_dir: Path,
         callbacks: tuple[L.Callback, ...] = ()) -> None:
-    """Train ``steps`` steps on CPU, resuming from ``ckpt_dir`` when a run was cut short."""
+    """Train ``steps`` steps on CPU, resuming from ``ckpt_dir`` when a run was cut short;
+    the loss and learning-rate curves go to ``reports/live/<stage>`` (DVCLive)."""
     last = ckpt_dir / "last.ckpt"
     checkpoints = L.pytorch.callbacks.ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=checkpoint_every,
                                                       save_last=True, save_top_k=0)
     trainer = L.Trainer(
-        max_steps=steps, accelerator="cpu", devices=1, deterministic=True, logger=False,
-        callbacks=[checkpoints, *callbacks, *progress_callbacks(label)], enable_progress_bar=on_terminal(),
-        enable_model_summary=False, num_sanity_val_steps=0,
+        max_steps=steps, accelerator="cpu", devices=1, deterministic=True,
+        logger=live.StageLogger(root, stage, resuming=last.exists()), log_every_n_steps=1,
+        callbacks=[checkpoints, live.ResumedCurves(), L.pytorch.callbacks.LearningRateMonitor("step"), *callbacks,
+                   *progress_callbacks(stage)],
+        enable_progress_bar=on_terminal(), enable_model_summary=False, num_sanity_val_steps=0,
     )
     trainer.fit(module, torch.utils.data.DataLoader(range(steps), batch_size=1),
                 ckpt_path=str(last) if last.exists() else None)
@@ -103,7 +107,8 @@ def cosine_lr(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> dict
             return (step + 1) / warmup
         return 0.5 * (1 + np.cos(np.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
-    return {"scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, schedule), "interval": "step"}
+    return {"scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, schedule), "interval": "step",
+            "name": "lr"}  # the curve's name (LearningRateMonitor)
 
 
 def require_world(params, stage: str) -> None:
