@@ -27,12 +27,17 @@ def quiet_library_noise() -> None:
     for a cloud logger, its accelerator inventory, its note on modules in eval mode, that
     it stopped at max_steps, and a torch deprecation inside Lightning's own code; from
     loading a Stable Diffusion pipeline, transformers' note that image processors we never
-    run (the pipeline's safety-checker inputs) would be faster with torchvision."""
+    run (the pipeline's safety-checker inputs) would be faster with torchvision, and
+    diffusers' request to update a scheduler setting our timestep spacing never reads;
+    and the bars of loading a model."""
     import logging
     import warnings
 
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                             category=FutureWarning)
+    # assembling a pipeline from our parts: the scheduler's steps_offset is 0, which only
+    # "leading" timestep spacing reads (ours is "trailing")
+    warnings.filterwarnings("ignore", message=r"The configuration file of this scheduler", category=FutureWarning)
     # frozen encoders and reference models are in eval mode on purpose
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
@@ -40,6 +45,10 @@ def quiet_library_noise() -> None:
                                                              "HPU available: ", "`Trainer.fit` stopped: ")))
     logging.getLogger("transformers.utils.import_utils").addFilter(
         lambda record: "requires torchvision (not installed)" not in record.getMessage())
+    if {"diffusers", "transformers"} & set(sys.modules):  # a stage that loads models: no bar for each load
+        from components.models import quiet_model_io
+
+        quiet_model_io()
 
 
 def run_stage(name: str, body: Callable[[Project], str]) -> int:

@@ -316,12 +316,13 @@ def cmd_demo(args) -> int:
     print(f"Label Studio:     {project.label_studio_url}")
     print(f"stages run:       {', '.join(summary['stages_run'] + result.get('stages_run', [])) or 'none (all up to date)'}")
     for name, values in summary["metrics"].items():
-        print(f"{name + ':':<17} " + ", ".join(f"{k} {v}" for k, v in values.items()))
+        if name != "candidate vs production":  # an earlier retrain's, before this run's labels; this run's is below
+            print(f"{name + ':':<17} " + ", ".join(f"{k} {v}" for k, v in values.items()))
     if not result["ran"]:
         print(f"retrain:          skipped, {result['new_labels']} new labels (retrain.min_new_labels "
               f"{project.params.retrain.min_new_labels}); `aligndiff retrain --force` runs it anyway")
     evaluation = project.path("reports/evaluation.json")
-    if evaluation.exists():
+    if result["ran"] and evaluation.exists():
         judge = json.loads(evaluation.read_text()).get("judge")
         if judge:
             print(f"judge alignment:  {judge['production']['all']['aligned']:.1%} (production before) -> "
