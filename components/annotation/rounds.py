@@ -89,8 +89,10 @@ def select_active(specs: list[studio.TaskSpec], limit: int | None, scores: np.nd
 
 def ensemble_disagreement(project: Project, manifest: pd.DataFrame, specs: list[studio.TaskSpec]) -> np.ndarray:
     from components.feedback import Fetcher
+    from components.models import quiet_model_io
     from components.reward.model import load_scorer
 
+    quiet_model_io()  # a round's output is its own lines, not a bar per model load
     relative = "models/reward"
     path = project.path(relative)
     if not (path / "config.json").exists():

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from components import feedback, live
 from components.config import Params, RewardParams
 from components.errors import UserError
+from components.progress import on_terminal, progress_callbacks
 from components.reward.model import ClipRewardScorer
 from components.world.grammar import parse_prompt
 
@@ -192,6 +193,7 @@ def train_reward(params: Params, root: Path, store) -> dict:
     loader = torch.utils.data.DataLoader(samples, batch_size=cfg.batch_size, sampler=sampler)
     trainer = L.Trainer(max_steps=cfg.steps, accelerator="cpu", devices=1, deterministic=True,
                         logger=live.StageLogger(root, "train_reward", resuming=False), log_every_n_steps=1,
+                        callbacks=progress_callbacks("train_reward"), enable_progress_bar=on_terminal(),
                         enable_model_summary=False, enable_checkpointing=False)
     trainer.fit(module, loader)
     scorer.model.eval()
