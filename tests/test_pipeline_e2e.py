@@ -292,4 +292,5 @@ def test_label_studio_round_then_retrain_promotes_a_tagged_model(stack_project, 
     exp = experiments["dpo"]
     assert exp["params"]["params.yaml"]["data"]["finetune"]["method"] == "diffusion_dpo"
     assert exp["metrics"]["reports/finetune.json"]["data"]["method"] == "diffusion_dpo"
+    assert exp["metrics"]["reports/live/finetune/metrics.json"]["data"]["step"] == 3  # DVCLive's summary
     assert "passed" in exp["metrics"]["reports/gate.json"]["data"]
