@@ -33,7 +33,10 @@ def _use_embedded_prefect(project) -> None:
         credentials.PREFECT_AUTH)
     if auth:  # inherited by the workers and flow-run processes this one starts
         os.environ[credentials.PREFECT_AUTH] = auth
-    os.environ.setdefault("PREFECT_HOME", str(project.state_dir / "prefect"))
+    if "PREFECT_HOME" not in os.environ:
+        home = project.state_dir / "prefect"
+        home.mkdir(mode=0o700, parents=True, exist_ok=True)  # Prefect makes the last level only, or warns
+        os.environ["PREFECT_HOME"] = str(home)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
