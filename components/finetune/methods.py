@@ -6,8 +6,8 @@ over dimensions, the sampler's conventions. ELBO methods (reward-weighted,
 Diffusion-DPO) use ``core.denoising_mse`` at a random timestep.
 
 Every module logs its diagnostics (loss; implicit accuracy for the DPO family; clip
-fraction and approximate KL for PRDP; reward mean/std) for the curve in
-``reports/finetune_curve.csv``; ``grad_norm`` comes from :class:`PolicyModule`.
+fraction and approximate KL for PRDP; reward mean/std) for DVCLive's curves in
+``reports/live/finetune``; ``grad_norm`` comes from :class:`PolicyModule`.
 """
 
 from __future__ import annotations
