@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib
 import json
 import shutil
 import sys
@@ -47,7 +48,7 @@ def run_stage(stage: str, project: Project) -> None:
 
         train_reward(project.params, project.root, project.object_store())
     else:
-        module = __import__(f"components.world.{stage}", fromlist=[stage])
+        module = importlib.import_module(f"components.world.{stage}")
         getattr(module, stage)(project.params, project.root, project.state_dir)
 
 
