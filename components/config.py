@@ -271,11 +271,15 @@ class GenerateParams(_Strict):
     splits: list[Literal["train", "eval"]] = Field(["train", "eval"], min_length=1)
     # prompt ranges made in parallel by the `generate` flow (one task each); the output does not depend on it
     shards: int = Field(1, ge=1)
+    # images per prompt an annotation round adds when every image of production is labelled
+    # (raising images_per_prompt: new seeds, the labelled images keep theirs)
+    grow_by: int = Field(4, ge=1)
 
     @model_validator(mode="after")
     def _groups(self) -> GenerateParams:
-        if self.images_per_prompt % self.shared_noise_group:
-            raise ValueError("images_per_prompt must be a multiple of shared_noise_group")
+        for name in ("images_per_prompt", "grow_by"):
+            if getattr(self, name) % self.shared_noise_group:
+                raise ValueError(f"{name} must be a multiple of shared_noise_group")
         return self
 
 
@@ -556,3 +560,45 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ParamsError(f"{path}{where}: invalid YAML: {problem}") from None
     return parse_params(data, source=str(path))
+
+
+def patched_params_text(path: Path, updates: dict) -> str:
+    """params.yaml with ``updates`` (nested sections → values) written in; comments, order
+    and quoting kept, so the diff is the change only."""
+    import io
+
+    from ruamel.yaml import YAML
+
+    round_trip = YAML()
+    round_trip.preserve_quotes = True
+    round_trip.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
+    data = round_trip.load(path.read_text(encoding="utf-8"))
+
+    def merge(node, changes: dict) -> None:
+        for key, value in changes.items():
+            if isinstance(value, dict):  # a minimal params.yaml may leave a section out
+                merge(node.setdefault(key, {}), value)
+            else:
+                node[key] = value
+
+    merge(data, updates)
+    out = io.StringIO()
+    round_trip.dump(data, out)
+    return out.getvalue()
+
+
+def update_params(path: str | Path, updates: dict) -> Params:
+    """Write ``updates`` into params.yaml, as `dvc exp run -S` does; the edited file is
+    validated before it replaces the old one, so a bad value changes nothing."""
+    import os
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(patched_params_text(path, updates), encoding="utf-8")
+    try:
+        params = load_params(tmp)
+    except Exception:
+        tmp.unlink()
+        raise
+    os.replace(tmp, path)
+    return params

@@ -14,7 +14,6 @@ compose gives them ``ALIGNDIFF_*_URL`` variables, which override these endpoints
 
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
 
@@ -61,34 +60,17 @@ def render(env: dict[str, str], source: Path, host: str | None = None) -> tuple[
     return services, creds
 
 
-def patched_params_text(params_path: Path, services: dict) -> str:
-    """params.yaml with the service settings replaced; comments and order kept."""
-    from ruamel.yaml import YAML
-
-    yaml = YAML()  # round-trip mode; nulls and quoting as written, so the diff is the change only
-    yaml.preserve_quotes = True
-    yaml.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
-    data = yaml.load(params_path.read_text(encoding="utf-8"))
-    for name, updates in services.items():  # a minimal params.yaml may leave the sections out
-        section = data.setdefault("services", {}).setdefault(name, {})
-        for key, value in updates.items():
-            section[key] = value
-    out = io.StringIO()
-    yaml.dump(data, out)
-    return out.getvalue()
-
-
 def connect(project_root: Path, compose_env: Path, host: str | None = None,
             params_file: str = "params.yaml") -> dict:
     """Rewrite the project's params.yaml services and .env credentials for the stack.
 
     Both files are validated before either is replaced, so a bad env file changes nothing.
     """
-    from components.config import load_params
+    from components.config import load_params, patched_params_text
 
     params_path = project_root / params_file
     services, creds = render(read_compose_env(compose_env), compose_env, host)
-    text = patched_params_text(params_path, services)
+    text = patched_params_text(params_path, {"services": services})
     tmp = params_path.with_name(params_path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     try:

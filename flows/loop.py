@@ -31,6 +31,13 @@ def simulate(root: str, kind: str, flip_rate: float) -> dict:
     return rounds.simulate_round(Project.load(root), kind, 2, AnnotatorConfig(flip_rate=flip_rate))
 
 
+@task(name="grow sample")
+def grow(root: str) -> dict:
+    from components.annotation import rounds
+
+    return rounds.grow_sample(Project.load(root))
+
+
 # One retry: the next scheduled sync comes within minutes, and a sync re-reads what it missed.
 @task(name="sync", retries=1, retry_delay_seconds=30)
 def sync(root: str, kind: str, full: bool = False) -> dict | None:
@@ -44,12 +51,26 @@ def sync(root: str, kind: str, full: bool = False) -> dict | None:
 
 @flow(name="annotation_round", log_prints=True)
 def annotation_round(root: str = ".", kinds: list[str] = list(ROUND_KINDS), limit: int | None = None, seed: int = 0,
-                     simulated: bool = False, flip_rate: float = 0.1) -> dict:
+                     simulated: bool = False, flip_rate: float = 0.1, grow_sample: bool = True) -> dict:
     """curate → generate (DVC, when inputs changed) → select and push tasks for each kind;
-    ``simulated``: the simulated annotators label them right away (demo, tests)."""
+    ``simulated``: the simulated annotators label them right away (demo, tests).
+
+    When production's images are all labelled already (the gate kept it), ``grow_sample``
+    raises generate.images_per_prompt by generate.grow_by in params.yaml and generates
+    again, so the round labels new images of it instead of none."""
     root = str(Path(root).resolve())
     stages = repro(root, ["generate"])
     pushed = {kind: push(root, kind, limit, seed) for kind in kinds}
+    if grow_sample and not any(p["created"] for p in pushed.values()):
+        growth = grow(root)
+        if growth["grown"]:
+            print(f"every one of production's {growth['images']} images is labelled: "
+                  f"generate.images_per_prompt raised to {growth['images_per_prompt']} (params.yaml)")
+            stages += repro(root, ["generate"])
+            pushed = {kind: push(root, kind, limit, seed) for kind in kinds}
+        else:
+            print(f"nothing new to push: {growth['awaiting_labels']} of production's {growth['images']} images "
+                  "have no label yet")
     labelled = {kind: simulate(root, kind, flip_rate) for kind in kinds} if simulated else {}
     lines = ["# Annotation round", "", f"- stages run: {', '.join(stages) or 'none (all up to date)'}"]
     for kind, result in pushed.items():
@@ -90,8 +111,9 @@ def online_rounds(root: str = ".", rounds: int = 1, kinds: list[str] = list(ROUN
 
     People label in Label Studio meanwhile: the round syncs every ``poll_minutes`` until
     retrain.min_new_labels labels arrived (at most ``max_wait_hours``); ``simulated``: the
-    simulated annotators label at once. Stops after a round that promotes nothing: the
-    next would sample the same model, so it would offer the same images again.
+    simulated annotators label at once. After a round that promotes nothing, the next
+    labels more images of the same model (``annotation_round``'s ``grow_sample``). Stops
+    when a round has nothing new to push.
     """
     from components.annotation import rounds as annotation
     from flows.pipeline import retrain
@@ -113,8 +135,6 @@ def online_rounds(root: str = ".", rounds: int = 1, kinds: list[str] = list(ROUN
         result = retrain(root)
         results.append({"round": number, "pushed": {k: v["created"] for k, v in pushed["pushed"].items()},
                         "ran": result["ran"], "promoted": result.get("promoted")})
-        if not result.get("promoted"):
-            print(f"round {number}: production unchanged; stopping (the next round would label the same images)")
-            break
-        print(f"round {number}: promoted {result['promoted']['tag']}")
+        print(f"round {number}: " + (f"promoted {result['promoted']['tag']}" if result.get("promoted")
+                                     else "production unchanged; the next round labels more of its images"))
     return results

@@ -8,6 +8,8 @@ import pandas as pd
 import pytest
 
 from components import generate
+from components.annotation import rounds
+from components.project import Project
 from flows.cli import main as cli
 from tests.test_generate import _world_project
 
@@ -39,6 +41,26 @@ def test_round_from_generations_to_label_snapshot(stack_project, tmp_path, capsy
     for row in prefs.itertuples():  # every pair shares its initial noise, as D3PO needs
         assert manifest.loc[row.winner, "init_seed"] == manifest.loc[row.loser, "init_seed"]
         assert manifest.loc[row.winner, "prompt"] == row.prompt
+
+    # A round after a gate that kept production: while some of its images have no label, the
+    # sample stays; once all do, it grows (new seeds), so the round has new images to offer
+    # and the labelled ones keep their ids and labels.
+    assert rounds.grow_sample(Project.load(project.root)) == {
+        "grown": False, "awaiting_labels": 8, "images": 48, "images_per_prompt": 2}
+    assert run("push", "--kind", "pairwise")["created"] == 4
+    run("simulate", "--kind", "pairwise", "--annotators", "2", "--coverage", "2")
+    run("sync", "--kind", "pairwise")
+    params_before = (project.root / "params.yaml").read_text().splitlines()
+    assert rounds.grow_sample(Project.load(project.root)) == {
+        "grown": True, "awaiting_labels": 0, "images": 48, "images_per_prompt": 6}
+    params_after = (project.root / "params.yaml").read_text().splitlines()
+    assert [(a, b) for a, b in zip(params_before, params_after) if a != b] == [
+        ("  images_per_prompt: 2", "  images_per_prompt: 6")] and len(params_before) == len(params_after)
+    generate.run(Project.load(project.root))
+    grown = pd.read_parquet(project.path(generate.MANIFEST_OUT))
+    assert len(grown) == 24 * 6 and set(manifest.index) <= set(grown["generation_id"])
+    assert rounds.awaiting_labels(Project.load(project.root)) == (96, 144)
+    assert run("push", "--kind", "pairwise")["created"] == 48
 
 
 @pytest.mark.parametrize("args, message", [

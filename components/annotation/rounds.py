@@ -165,6 +165,46 @@ def push_round(project: Project, kind: RoundKind, k: int, limit: int | None, see
     return summary
 
 
+def awaiting_labels(project: Project) -> tuple[int, int]:
+    """How many of production's generations have no submitted label in the annotation
+    stores yet, and how many it has."""
+    manifest = on_policy(project, read_parquet(project.path(MANIFEST_OUT), "rebuild it with `dvc repro generate`",
+                                               ["generation_id", "model_version"]))
+    annotations, _ = snap.load_stores(project.state_dir)
+    labelled = {g for ids in annotations["generation_ids"] for g in ids} if len(annotations) else set()
+    mine = set(manifest["generation_id"])
+    return len(mine - labelled), len(mine)
+
+
+def grow_sample(project: Project) -> dict:
+    """More of production's images for the next round, once every one it has is labelled.
+
+    A model the gate did not replace keeps its images (they are a function of the model
+    and the seeds), so an online round after it would offer the same ones again. This
+    raises ``generate.images_per_prompt`` by ``generate.grow_by`` in params.yaml, as
+    `dvc exp run -S` would, so the next `generate` draws new seeds while the labelled
+    images keep theirs (and their labels), and the retrain that follows records the
+    params it used. Nothing changes while some of production's images await labels.
+    """
+    import yaml
+
+    from components.config import update_params
+
+    awaiting, images = awaiting_labels(project)
+    current = project.params.generate.images_per_prompt
+    if awaiting:
+        return {"grown": False, "awaiting_labels": awaiting, "images": images, "images_per_prompt": current}
+    grown = current + project.params.generate.grow_by
+    params_path = project.path("params.yaml")
+    raw = yaml.safe_load(params_path.read_text(encoding="utf-8"))
+    # a GPU profile's own images_per_prompt is the one in effect: raise that one
+    overlay = ((raw.get("profiles") or {}).get(project.params.profile) or {}).get("generate") or {}
+    section = {"profiles": {project.params.profile: {"generate": {"images_per_prompt": grown}}}} \
+        if "images_per_prompt" in overlay else {"generate": {"images_per_prompt": grown}}
+    update_params(params_path, section)
+    return {"grown": True, "awaiting_labels": 0, "images": images, "images_per_prompt": grown}
+
+
 def write_summary(project: Project, action: str, kind: str, summary: dict) -> Path:
     """A short JSON record of a round step under ``<state>/rounds/`` (what was pushed or synced, when)."""
     import json
