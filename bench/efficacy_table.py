@@ -1,8 +1,9 @@
 """The docs' efficacy table, from bench/results/efficacy.jsonl: one row per run on one base.
 
-    python bench/efficacy_table.py [--base VERSION_PREFIX]
+    python bench/efficacy_table.py [--base VERSION_PREFIX ...]
 
-Without --base: the base of the file's last run. Columns: the method and what its run
+Without --base: the base of the file's last run; with several (versions of the same
+weights), a column says which. Columns: the method and what its run
 changed from params.yaml, the simulated votes it used, its rounds, wall minutes on the
 machine that ran it, and the points gained over the base (seen / held-out compositions)
 in judge alignment and per attribute.
@@ -29,7 +30,7 @@ def votes_and_rounds(run: dict) -> tuple[str, str]:
     return (f"{labels['votes']:,}" if "votes" in labels else "—"), "1"
 
 
-def row(run: dict) -> str:
+def row(run: dict, with_base: bool) -> str:
     changed = [o for o in run.get("overrides", []) if not o.startswith(IMPLIED)]
     name = run["method"] + (f" ({', '.join(changed)})" if changed else "")
     votes, rounds = votes_and_rounds(run)
@@ -38,30 +39,33 @@ def row(run: dict) -> str:
     def pair(seen: float, unseen: float) -> str:
         return f"{seen:+.1f} / {unseen:+.1f}"
 
-    cells = [name, votes, rounds, f"{run['wall_minutes']:.1f}", pair(gain["seen"], gain["unseen"]),
+    cells = [name, *([run["base_version"][:8]] if with_base else []), votes, rounds, f"{run['wall_minutes']:.1f}", pair(gain["seen"], gain["unseen"]),
              *(pair(attrs["seen"][a], attrs["unseen"][a]) for a in ATTRIBUTES)]
     return "| " + " | ".join(cells) + " |"
 
 
-def table(runs: list[dict]) -> str:
-    header = ["run", "votes", "rounds", "wall min", "aligned", *ATTRIBUTES]
+def table(runs: list[dict], with_base: bool) -> str:
+    header = ["run", *(["base"] if with_base else []), "votes", "rounds", "wall min", "aligned", *ATTRIBUTES]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + [row(r) for r in runs])
+    return "\n".join(lines + [row(r, with_base) for r in runs])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--base", help="the base version (a prefix is enough); default: the last run's")
+    ap.add_argument("--base", nargs="+", help="base versions (prefixes are enough); default: the last run's")
     args = ap.parse_args()
     runs = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
-    base = args.base or runs[-1]["base_version"]
-    mine = [r for r in runs if r.get("base_version", "").startswith(base)]  # the first runs predate versions
+    bases = args.base or [runs[-1]["base_version"]]
+    # the first runs predate recorded base versions
+    mine = [r for r in runs if any(r.get("base_version", "").startswith(b) for b in bases)]
     if not mine:
-        raise SystemExit(f"{RESULTS}: no run on a base version starting {base!r}")
-    first = mine[0]["base"]
-    print(f"base {mine[0]['base_version']}: aligned {first['seen']['aligned']:.1%} seen / "
-          f"{first['unseen']['aligned']:.1%} held-out ({first['seen']['images']} / {first['unseen']['images']} images)\n")
-    print(table(mine))
+        raise SystemExit(f"{RESULTS}: no run on a base version starting {' or '.join(bases)}")
+    for version in dict.fromkeys(r["base_version"] for r in mine):
+        first = next(r["base"] for r in mine if r["base_version"] == version)
+        print(f"base {version}: aligned {first['seen']['aligned']:.1%} seen / {first['unseen']['aligned']:.1%} "
+              f"held-out ({first['seen']['images']} / {first['unseen']['images']} images)")
+    print()
+    print(table(mine, with_base=len(bases) > 1))
 
 
 if __name__ == "__main__":

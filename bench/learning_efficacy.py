@@ -44,6 +44,17 @@ from components.world.alignment import evaluate, split_compositions  # noqa: E40
 RESULTS = REPO / "bench" / "results" / "efficacy.jsonl"
 
 
+def _scalar(text: str):
+    """A YAML value, with 1e-4 read as a number (YAML 1.1 wants 1.0e-4 and reads it as a string)."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
 def params_with(overrides: list[str], **sections) -> dict:
     """The repo's params.yaml, ``sections`` merged in, then ``KEY.PATH=VALUE`` overrides (VALUE read as YAML)."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -55,7 +66,7 @@ def params_with(overrides: list[str], **sections) -> dict:
         *parents, leaf = dotted.split(".")
         for key in parents:
             node = node[key]
-        node[leaf] = yaml.safe_load(value)
+        node[leaf] = _scalar(value)
     return params
 
 
