@@ -568,10 +568,16 @@ def patched_params_text(path: Path, updates: dict) -> str:
     import io
 
     from ruamel.yaml import YAML
+    from ruamel.yaml.representer import RoundTripRepresenter
 
+    class NullAsNull(RoundTripRepresenter):
+        """Writes None as ``null``, as params.yaml does (ruamel leaves it empty). A subclass:
+        add_representer on ruamel's own class would change how DVC, in this process, writes dvc.lock."""
+
+    NullAsNull.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
     round_trip = YAML()
+    round_trip.Representer = NullAsNull
     round_trip.preserve_quotes = True
-    round_trip.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
     data = round_trip.load(path.read_text(encoding="utf-8"))
 
     def merge(node, changes: dict) -> None:

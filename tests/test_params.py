@@ -203,3 +203,25 @@ def test_fuzzed_params_files_are_each_refused_in_one_line(tmp_path, capsys):
         assert len(err) == 1 and err[0].startswith("aligndiff: error: ") and "params.yaml" in err[0], (where, err)
         assert "Traceback" not in captured.err and not captured.out
         assert sorted(p.name for p in root.iterdir()) == ["params.yaml"]
+
+
+def test_editing_params_keeps_the_file_and_leaves_other_yaml_writers_alone(tmp_path):
+    """A round's sample growth edits params.yaml in the flow's process, where DVC then writes
+    dvc.lock with ruamel too: that lock must come out as `dvc repro` alone writes it."""
+    from ruamel.yaml import YAML
+
+    from components.config import update_params
+
+    path = tmp_path / "params.yaml"
+    original = (Path(__file__).resolve().parents[1] / "params.yaml").read_text()
+    path.write_text(original)
+    assert update_params(path, {"generate": {"images_per_prompt": 8}}).generate.images_per_prompt == 8
+    before, after = original.splitlines(), path.read_text().splitlines()
+    assert [(a, b) for a, b in zip(before, after) if a != b] == [("  images_per_prompt: 4", "  images_per_prompt: 8")]
+    assert len(before) == len(after)  # comments, nulls and quoting as written
+
+    import io
+
+    out = io.StringIO()
+    YAML().dump({"branch_step": None}, out)
+    assert out.getvalue() == "branch_step:\n"  # ruamel's own default, as in a lock written by `dvc repro`
