@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 from components.annotation import simulate as sim
 from components.annotation import studio
@@ -71,6 +74,19 @@ def test_200_tasks_3_annotators_give_exactly_600_annotations_and_reruns_add_noth
     assert len(rows) == 600 and rows["annotation_id"].is_unique
     assert (rows.groupby("task_id").size() == 3).all() and rows["annotator"].nunique() == 3
     assert (rows["status"] == "submitted").all() and rows["critique"].str.contains("left:").all()
+
+    # tasks are labelled concurrently; each vote is still its annotator's own seeded draw for that task
+    config = sim.AnnotatorConfig(annotators=3, coverage=3, flip_rate=0.2, seed=3)
+    user_ids = dict(zip((f"annotator-{i}@{sim.ANNOTATOR_DOMAIN}" for i in (1, 2, 3)),
+                        sim.ensure_annotators(r["client"], 3)))
+    keys = {studio.external_id(s.generation_ids): s.image_keys for s in r["specs"]}
+    images = {key: np.array(Image.open(io.BytesIO(round_project.object_store().get_bytes(key))).convert("RGB"))
+              for pair in keys.values() for key in pair}
+    for row in rows.itertuples():
+        verdicts = [judge(images[key], row.prompt) for key in keys[row.external_id]]
+        expected, _ = sim.decide("pairwise", verdicts, sim._rng(config.seed, row.task_id, user_ids[row.annotator]),
+                                 config)
+        assert row.choice == expected, row
 
     again = studio.push_tasks(r["client"], round_project, r["project_id"], r["specs"])
     assert again.created == 0

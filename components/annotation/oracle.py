@@ -16,25 +16,36 @@ import pandas as pd
 
 from components.annotation.simulate import AnnotatorConfig, _rng, decide
 from components.annotation.snapshot import PREFERENCE_COLUMNS, preferences
+from components.world.judge import judge
 
 
-def label(gens: pd.DataFrame, images: dict[str, np.ndarray], config: AnnotatorConfig, binary: bool = True,
-          pairwise: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(tasks, preferences): one binary task per generation and one pairwise task per
-    shared-noise pair, each with ``config.coverage`` votes."""
-    units = []
+def units(gens: pd.DataFrame, binary: bool = True, pairwise: bool = True) -> list[tuple[str, list[str]]]:
+    """The tasks a round would push, as (kind, generation ids): one binary task per
+    generation and one pairwise task per shared-noise pair."""
+    out = []
     if binary:
-        units += [("binary", [g]) for g in gens.index]
+        out += [("binary", [g]) for g in gens.index]
     if pairwise:
         for _, group in gens.groupby(["prompt_id", "noise_group"], sort=True):
             ids = sorted(group.index)
-            units += [("pairwise", ids[i:i + 2]) for i in range(0, len(ids) - 1, 2)]
+            out += [("pairwise", ids[i:i + 2]) for i in range(0, len(ids) - 1, 2)]
+    return out
+
+
+def label(gens: pd.DataFrame, images: dict[str, np.ndarray], config: AnnotatorConfig, binary: bool = True,
+          pairwise: bool = True, only: set[int] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(tasks, preferences): the :func:`units` as tasks, each with ``config.coverage`` votes.
+    ``only``: label just these task ids (indices into :func:`units`); a task's votes do
+    not depend on which others are labelled."""
     rows = []
-    for task_id, (kind, ids) in enumerate(units):
+    for task_id, (kind, ids) in enumerate(units(gens, binary, pairwise)):
+        if only is not None and task_id not in only:
+            continue
         prompt = gens.at[ids[0], "prompt"]
+        verdicts = [judge(images[g], prompt) for g in ids]
         votes: dict[str, int] = {}
         for annotator in range(config.coverage):
-            choice, _ = decide(kind, [images[g] for g in ids], prompt, _rng(config.seed, task_id, annotator), config)
+            choice, _ = decide(kind, verdicts, _rng(config.seed, task_id, annotator), config)
             votes[choice] = votes.get(choice, 0) + 1
         top = max(votes.values())
         leaders = sorted(c for c, n in votes.items() if n == top)

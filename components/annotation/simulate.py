@@ -25,7 +25,7 @@ import numpy as np
 
 from components.annotation.labeling import IMAGE_KEYS, RoundKind, choices_for, make_result
 from components.project import Project
-from components.world.judge import judge
+from components.world.judge import Verdict, judge
 
 ANNOTATOR_DOMAIN = "simulated.aligndiff.local"
 
@@ -69,10 +69,9 @@ def _rng(seed: int, *parts) -> np.random.Generator:
     return np.random.default_rng(int.from_bytes(digest[:8], "big"))
 
 
-def decide(kind: RoundKind, images: list[np.ndarray], prompt: str, rng: np.random.Generator,
-           config: AnnotatorConfig) -> tuple[str, str]:
-    """(choice, critique) of one simulated annotator."""
-    verdicts = [judge(image, prompt) for image in images]
+def decide(kind: RoundKind, verdicts: list[Verdict], rng: np.random.Generator, config: AnnotatorConfig
+           ) -> tuple[str, str]:
+    """(choice, critique) of one simulated annotator, from the judge's verdicts on the task's images."""
     if kind == "binary":
         truth = "good" if verdicts[0].aligned else "bad"
         critique = verdicts[0].reason
@@ -92,14 +91,21 @@ def decide(kind: RoundKind, images: list[np.ndarray], prompt: str, rng: np.rando
         elif kind == "pairwise" and truth != "tie":
             truth = "right" if truth == "left" else "left"
         elif kind == "best_of_k":
-            others = [c for c in choices_for(kind, len(images)) if c != truth]
+            others = [c for c in choices_for(kind, len(verdicts)) if c != truth]
             truth = str(rng.choice(others))
     return truth, critique
 
 
 def simulate(project: Project, ls_project_id: int, kind: RoundKind, config: AnnotatorConfig, k: int = 2,
-             client=None, on_progress=None) -> dict:
-    """Give every task up to ``coverage`` annotations from distinct simulated annotators."""
+             client=None, on_progress=None, workers: int = 4) -> dict:
+    """Give every task up to ``coverage`` annotations from distinct simulated annotators.
+
+    ``workers`` tasks are labelled at once: each vote is an HTTP round trip that mostly
+    waits on Label Studio. Every annotator's draw is seeded by (seed, task, annotator),
+    so the votes do not depend on the order the tasks finish in.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
     from PIL import Image
 
     from components.annotation.studio import client_for
@@ -109,21 +115,26 @@ def simulate(project: Project, ls_project_id: int, kind: RoundKind, config: Anno
     coverage = min(config.coverage, len(users))
     store = project.object_store()
     prefix = f"s3://{project.params.services.s3.bucket}/"
-    submitted = 0
-    for task in client.tasks.list(project=ls_project_id, fields="all", page_size=500, resolve_uri=False):
+
+    def label(task) -> int:
         # a task the listing counts no annotation on, not even a skipped one, needs no request to ask who did it
         untouched = getattr(task, "total_annotations", None) == 0 and getattr(task, "cancelled_annotations", None) == 0
         done_by = set() if untouched else {a.completed_by for a in client.annotations.list(id=task.id)}
         order = list(_rng(config.seed, "order", task.id).permutation(users))
         wanted = [u for u in order[:coverage] if u not in done_by]
         if not wanted:
-            continue
+            return 0
         images = [np.array(Image.open(io.BytesIO(store.get_bytes(task.data[key].removeprefix(prefix)))).convert("RGB"))
                   for key in IMAGE_KEYS if key in task.data]
+        verdicts = [judge(image, task.data["prompt"]) for image in images]
         for user in wanted:
-            choice, critique = decide(kind, images, task.data["prompt"], _rng(config.seed, task.id, user), config)
+            choice, critique = decide(kind, verdicts, _rng(config.seed, task.id, user), config)
             client.annotations.create(id=task.id, result=make_result(kind, choice, critique, k), completed_by=int(user))
-            submitted += 1
         if on_progress:
             on_progress(1)
+        return len(wanted)
+
+    tasks = client.tasks.list(project=ls_project_id, fields="all", page_size=500, resolve_uri=False)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        submitted = sum(pool.map(label, tasks))
     return {"submitted": submitted, "annotators": len(users)}
