@@ -343,7 +343,8 @@ class PrdpParams(_Strict):
 
 class RewardWeightedParams(_Strict):
     lr: float = Field(1e-3, gt=0, le=1)
-    steps: int = Field(1500, ge=1)
+    # passes over the good images: the memorisation risk grows with passes, not steps
+    epochs: int = Field(90, ge=1)
     batch_size: int = Field(32, ge=1)
     pretrain_weight: float = Field(0.0, ge=0)  # β of the pre-training term
     # unlabelled generations count as good when the reward model says so (semi-supervised)

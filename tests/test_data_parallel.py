@@ -34,7 +34,7 @@ def project(stack_project, tmp_path_factory):
                        **{"finetune.threads": 1, "finetune.accelerator": "cpu", "finetune.checkpoint_every": 2,
                           "finetune.d3po.pairs_per_batch": 12, "finetune.d3po.lr": 1e-4,
                           "finetune.prdp.prompts_per_epoch": 3, "finetune.prdp.epochs": 2,
-                          "finetune.prdp.lr": 1e-2, "finetune.reward_weighted.steps": 4})
+                          "finetune.prdp.lr": 1e-2, "finetune.reward_weighted.epochs": 1})
     reward_train.train_reward(project.params, project.root, project.object_store())
     return project
 

@@ -39,7 +39,7 @@ def _tiny(params: dict, method: str = "d3po") -> None:
     ft.update(method=method, init="base", checkpoint_every=1)
     ft["d3po"].update(epochs=1, pairs_per_batch=4, timestep_fraction=0.34, lr=1e-4)
     ft["prdp"].update(epochs=2, prompts_per_epoch=2, images_per_prompt=2, updates_per_epoch=1)
-    ft["reward_weighted"].update(steps=3, batch_size=8)
+    ft["reward_weighted"].update(epochs=1, batch_size=8)
     ft["diffusion_dpo"].update(steps=3, pairs_per_batch=4)
 
 

@@ -185,8 +185,8 @@ def build_reward_weighted(project: Project, pipe, gens, usable, fetch):
     cond = encode_text(pipe, [prompts[i] for i in good])
     module = methods.RewardWeighted(pipe, cfg, params.seed, x0, cond, torch.from_numpy(weights[good]),
                                     prior_batches(project, pipe, gens, fetch))
-    epochs = math.ceil(cfg.reward_weighted.steps * cfg.reward_weighted.batch_size / len(good))
-    module.schedule = epoch_schedule(len(good), cfg.reward_weighted.batch_size, epochs, params.seed)
+    module.schedule = epoch_schedule(len(good), cfg.reward_weighted.batch_size, cfg.reward_weighted.epochs,
+                                     params.seed)
     return module, {"good_labelled": int((weights[:len(labels)] > 0).sum()), "labelled": int(len(labels)),
                     "good_scored": int((weights[len(labels):] > 0).sum()), "unlabelled": int(len(unlabelled))}
 
@@ -239,7 +239,7 @@ def total_steps(params: Params, module) -> int:
     cfg = params.finetune
     if cfg.method == "prdp":
         return cfg.prdp.epochs * cfg.prdp.updates_per_epoch
-    if cfg.method == "d3po":
+    if cfg.method in ("d3po", "reward_weighted"):  # epochs over the data
         return len(module.schedule)
     return getattr(cfg, cfg.method).steps
 
