@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/learning_efficacy.py --method d3po [--images-per-prompt 8]
         [--set finetune.d3po.lr=1e-4 ...] [--control MINUTES] [--rounds N]
+        [--label-fraction 0.5 --select disagreement|random]
 
 Needs the embedded services (`aligndiff up`) and the pre-trained base, VAE and CLIP (`dvc repro pretrain`).
 One feedback round in a scratch project next to the repo (the repo's data is untouched):
@@ -12,9 +13,11 @@ alignment of base and candidate on seen compositions (4 images each, 288) and on
 compositions held out of pre-training (8 each, 192), same seeds for both models.
 ``--rounds N`` makes that N online rounds, each on the previous round's model, and
 charts judge alignment against the votes used (bench/results/rounds-*.png and .csv).
+``--label-fraction F --select disagreement`` labels only a share F of the round's tasks,
+the second half of them picked by active selection (``random``: its control).
 ``--control MINUTES`` continues pre-training the base for that wall time instead;
-``--method reward_weighted --pretraining-term-only`` runs that method's pre-training term
-alone (the same LoRA, learning rate and steps; no feedback).
+``--method reward_weighted --pretraining-term-only STEPS`` runs that method's pre-training
+term alone (the same LoRA and learning rate, for the steps a feedback run reported; no feedback).
 Results are appended to bench/results/efficacy.jsonl (wall minutes on this machine).
 """
 
@@ -35,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from components import curate, feedback, generate, models  # noqa: E402
-from components.annotation import oracle  # noqa: E402
+from components.annotation import oracle, rounds, studio  # noqa: E402
 from components.annotation.simulate import AnnotatorConfig  # noqa: E402
 from components.project import Project  # noqa: E402
 from components.sampling import SamplerConfig  # noqa: E402
@@ -89,7 +92,7 @@ def alignment(pipe, params, seed: int) -> dict:
             "unseen": evaluate(pipe, splits["unseen"], 8, seed, config)}
 
 
-def feedback_round(project: Project, method: str) -> dict:
+def feedback_round(project: Project, method: str, fraction: float = 1.0, select: str = "random") -> dict:
     from components.finetune import stage as finetune_stage
     from components.reward import train as reward_train
 
@@ -98,7 +101,7 @@ def feedback_round(project: Project, method: str) -> dict:
     curate.run(project.root)
     generate.run(project)
     timings["generate_s"] = time.monotonic() - start
-    labels = label_round(project, binary=True)
+    labels = label_round(project, binary=True, fraction=fraction, select=select, seed=project.params.seed)
     if method in ("prdp", "reward_weighted"):
         t = time.monotonic()
         reward = reward_train.train_reward(project.params, project.root, project.object_store())
@@ -111,15 +114,50 @@ def feedback_round(project: Project, method: str) -> dict:
     return {"labels": labels, "finetune": report, "timings": timings}
 
 
-def label_round(project: Project, binary: bool) -> dict:
+def label_round(project: Project, binary: bool, fraction: float = 1.0, select: str = "random", seed: int = 0
+                ) -> dict:
     """The simulated annotators' votes (3 per task, 10% flipped) on the manifest's generations:
-    pairwise tasks, and with ``binary`` one binary task per image too."""
+    pairwise tasks, and with ``binary`` one binary task per image too.
+
+    ``fraction`` < 1 labels that share of each kind's tasks in two halves, as two rounds
+    would: a random half, then the other half chosen by ``select`` among the rest —
+    ``random``, or ``disagreement`` (the round's active selection: where the ensemble of
+    a reward model trained on the first half disagrees most)."""
     gens = feedback.generations(project.root)
-    images = feedback.Fetcher(project.object_store()).images(list(gens["image_key"]))
-    tasks, prefs = oracle.label(gens, dict(zip(gens.index, images)), AnnotatorConfig(coverage=3, flip_rate=0.1),
-                                binary=binary)
-    oracle.write(tasks, prefs, project.path("data/labels"))
-    return {"tasks": len(tasks), "votes": 3 * len(tasks), "preferences": len(prefs)}
+    images = dict(zip(gens.index, feedback.Fetcher(project.object_store()).images(list(gens["image_key"]))))
+    config = AnnotatorConfig(coverage=3, flip_rate=0.1)
+
+    def write(only):
+        tasks, prefs = oracle.label(gens, images, config, binary=binary, only=only)
+        oracle.write(tasks, prefs, project.path("data/labels"))
+        return {"tasks": len(tasks), "votes": 3 * len(tasks), "preferences": len(prefs)}
+
+    if fraction >= 1:
+        return write(None)
+    units = oracle.units(gens, binary=binary)
+    specs = [studio.TaskSpec(gens.at[ids[0], "prompt"], tuple(ids), tuple(gens.loc[ids, "image_key"]))
+             for _, ids in units]
+    index = {spec.generation_ids: i for i, spec in enumerate(specs)}
+    by_kind = {kind: [i for i, (k, _) in enumerate(units) if k == kind] for kind in sorted({k for k, _ in units})}
+    first = set()
+    for ids in by_kind.values():
+        first |= {index[s.generation_ids] for s in rounds.select([specs[i] for i in ids],
+                                                                 round(fraction * len(ids) / 2), seed)}
+    write(first)
+    if select == "disagreement":
+        from components.reward import train as reward_train
+
+        reward_train.train_reward(project.params, project.root, project.object_store())
+    chosen = set(first)
+    for ids in by_kind.values():
+        rest = [specs[i] for i in ids if i not in first]
+        n = round(fraction * len(ids)) - round(fraction * len(ids) / 2)
+        if select == "disagreement":
+            picked = rounds.select_active(rest, n, rounds.ensemble_disagreement(project, gens, rest), seed)
+        else:
+            picked = rounds.select(rest, n, seed + 1)
+        chosen |= {index[s.generation_ids] for s in picked}
+    return {**write(chosen), "fraction": fraction, "select": select}
 
 
 def online_rounds(project: Project, method: str, rounds: int, seed: int) -> dict:
@@ -211,9 +249,9 @@ def continued_pretraining(project: Project, minutes: float) -> tuple[object, int
     return module.ema_pipeline(), trainer.global_step
 
 
-def pretraining_term_only(project: Project):
+def pretraining_term_only(project: Project, steps: int):
     """The control for reward-weighted fine-tuning: its pre-training term alone (every
-    feedback weight zero), with the same LoRA, learning rate and steps."""
+    feedback weight zero), with the same LoRA and learning rate, for ``steps``."""
     from components.finetune import methods
     from components.finetune.stage import encode_text, prior_batches, trainer_for
     from components.sampling import sample_shape
@@ -225,7 +263,7 @@ def pretraining_term_only(project: Project):
                                     encode_text(pipe, ["one red circle on a white background"]), torch.zeros(1),
                                     prior_batches(project, pipe, None, None))
     module.schedule = [np.zeros(1, int)]
-    trainer, loader = trainer_for(cfg, cfg.reward_weighted.steps, [])
+    trainer, loader = trainer_for(cfg, steps, [])
     trainer.fit(module, loader)
     return module.pipe
 
@@ -236,14 +274,20 @@ def main() -> None:
     ap.add_argument("--images-per-prompt", type=int, default=8)
     ap.add_argument("--set", action="append", default=[], help="params override, e.g. finetune.d3po.lr=1e-4")
     ap.add_argument("--control", type=float, default=None, help="continue pre-training for this many minutes")
-    ap.add_argument("--pretraining-term-only", action="store_true",
-                    help="reward-weighted fine-tuning with every feedback weight zero (its control)")
+    ap.add_argument("--pretraining-term-only", type=int, metavar="STEPS", default=None,
+                    help="reward-weighted fine-tuning with every feedback weight zero, for STEPS steps (its control)")
     ap.add_argument("--rounds", type=int, default=None,
                     help="online rounds: each samples and labels the previous round's model (see online_rounds)")
+    ap.add_argument("--label-fraction", type=float, default=1.0,
+                    help="label this share of the round's tasks: a random half, then --select picks the rest")
+    ap.add_argument("--select", choices=["random", "disagreement"], default="random",
+                    help="with --label-fraction: how the second half is chosen (disagreement: active selection)")
     ap.add_argument("--scratch", default=str(REPO / ".aligndiff" / "bench" / "efficacy"))
     args = ap.parse_args()
-    if args.pretraining_term_only and args.method != "reward_weighted":
+    if args.pretraining_term_only is not None and args.method != "reward_weighted":
         ap.error("--pretraining-term-only is the control of --method reward_weighted")
+    if not 0 < args.label_fraction <= 1 or (args.label_fraction < 1 and (args.rounds or args.control is not None)):
+        ap.error("--label-fraction: a share in (0, 1], for one feedback round")
 
     overrides = [f"generate.images_per_prompt={args.images_per_prompt}", f"finetune.method={args.method}", *args.set]
     project = scratch_project(Path(args.scratch), overrides)
@@ -257,14 +301,14 @@ def main() -> None:
     if args.control is not None:
         pipe, steps = continued_pretraining(project, args.control)
         result = {"method": "continued_pretraining", "steps": steps}
-    elif args.pretraining_term_only:
-        pipe = pretraining_term_only(project)
-        result = {"method": "reward_weighted_pretraining_term_only", "steps": params.finetune.reward_weighted.steps}
+    elif args.pretraining_term_only is not None:
+        pipe = pretraining_term_only(project, args.pretraining_term_only)
+        result = {"method": "reward_weighted_pretraining_term_only", "steps": args.pretraining_term_only}
     elif args.rounds:
         result = {"method": args.method, **online_rounds(project, args.method, args.rounds, seed=12345)}
         pipe = models.load_pipeline(project.path(f"models/round-{args.rounds}"))
     else:
-        result = {"method": args.method, **feedback_round(project, args.method)}
+        result = {"method": args.method, **feedback_round(project, args.method, args.label_fraction, args.select)}
         pipe = models.load_pipeline(project.path("models/candidate"))
     result["wall_minutes"] = round((time.monotonic() - start) / 60, 2)
     result["overrides"] = overrides
