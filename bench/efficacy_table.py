@@ -4,7 +4,8 @@
 
 Without --base: the base of the file's last run; with several (versions of the same
 weights), a column says which. Columns: the method and what its run
-changed from params.yaml, the simulated votes it used, its rounds, wall minutes on the
+changed from params.yaml, the simulated votes it used, its rounds (one round: with its
+fine-tuning steps), wall minutes on the
 machine that ran it, and the points gained over the base (seen / held-out compositions)
 in judge alignment and per attribute.
 """
@@ -27,11 +28,15 @@ def votes_and_rounds(run: dict) -> tuple[str, str]:
     if "rounds" in run and isinstance(run["rounds"], list):
         return f"{sum(r['labels']['votes'] for r in run['rounds']):,}", str(len(run["rounds"]))
     labels = run.get("labels") or {}
-    return (f"{labels['votes']:,}" if "votes" in labels else "—"), "1"
+    steps = (run.get("finetune") or {}).get("steps")
+    return (f"{labels['votes']:,}" if "votes" in labels else "—"), "1" + (f" ({steps} steps)" if steps else "")
 
 
 def row(run: dict, with_base: bool) -> str:
     changed = [o for o in run.get("overrides", []) if not o.startswith(IMPLIED)]
+    labels = run.get("labels") or {}
+    if "fraction" in labels:  # --label-fraction: how the labelled share was chosen
+        changed.append(f"{labels['fraction']:.0%} of the tasks labelled, the second half by {labels['select']}")
     name = run["method"] + (f" ({', '.join(changed)})" if changed else "")
     votes, rounds = votes_and_rounds(run)
     gain, attrs = run["gain_points"], run["attribute_gain_points"]
