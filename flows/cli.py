@@ -279,11 +279,6 @@ def _log_to_file(project, name: str) -> Path:
 
 def cmd_demo(args) -> int:
     """The whole loop on embedded defaults: base model, a labelled round, retrain, promotion."""
-    import concurrent.futures
-    import io
-
-    from rich.console import Console
-
     from infra.stack import Stack
 
     project = _project(args)
@@ -300,12 +295,7 @@ def cmd_demo(args) -> int:
         phases[name] = time.monotonic() - started
         return result
 
-    stack = Stack(project)
-    # Label Studio is needed from the annotation round on: on a first run its install and
-    # start-up (≈ 1¼ min) overlap pre-training instead of coming before it
-    timed("services", stack.up, only={"s3", "prefect"})
-    label_studio = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="label-studio").submit(
-        stack.up, Console(file=io.StringIO()), only={"label_studio"})
+    timed("services", Stack(project).up)
     _use_embedded_prefect(project)
     from components.annotation.snapshot import LABELS_DIR
     from components.stage_graph import runnable_stages
@@ -319,11 +309,6 @@ def cmd_demo(args) -> int:
     before_labels, _ = runnable_stages(project.root, unavailable=frozenset({str(LABELS_DIR)}))
     root = str(project.root)
     summary = timed("reproduce", reproduce, root=root, targets=before_labels)
-    if label_studio.done():
-        label_studio.result()  # its error, if it failed to start
-    else:
-        print(f"waiting for Label Studio to install and start (logs: {stack.log_dir})", flush=True)
-        timed("Label Studio", label_studio.result)
     timed("annotation round", annotation_round, root=root, simulated=True)
     timed("sync", sync_annotations, root=root)
     result = timed("retrain", retrain, root=root)

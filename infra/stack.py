@@ -199,9 +199,8 @@ class Stack:
         response = _http_get(service.health_url)
         return response is not None and service.is_healthy_response(*response)
 
-    def up(self, console=None, only: set[str] | None = None) -> dict[str, dict]:
-        """Start every embedded service that is not running; wait until all are healthy.
-        ``only``: just these services (by name), e.g. Label Studio after the others."""
+    def up(self, console=None) -> dict[str, dict]:
+        """Start every embedded service that is not running; wait until all are healthy."""
         from rich.console import Console
 
         console = console or Console(stderr=True)
@@ -219,7 +218,7 @@ class Stack:
         if added:
             console.print(f"generated credentials in {self.project.env_file} (mode 0600): {', '.join(added)}")
 
-        services = [s for s in self.services() if s.embedded and (only is None or s.name in only)]
+        services = [s for s in self.services() if s.embedded]
         to_start = []
         for service in services:
             if self.running_pid(service.name):
@@ -242,7 +241,7 @@ class Stack:
                 self._start(service)
                 started.append(service)
             timings = self._wait_healthy(services, console, t0)
-            self._post_start({s.name for s in services})
+            self._post_start(console)
         except BaseException:
             for service in started:
                 self._stop(service.name)
@@ -308,18 +307,17 @@ class Stack:
         last = lines[-1][:200] if lines else "(empty)"
         return f"see {log} (last line: {last})"
 
-    def _post_start(self, names: set[str]) -> None:
-        """Make the services just brought up usable: buckets exist, DVC knows the remote, the API token works."""
-        p = self.project
-        if "s3" in names or not p.params.services.s3.embedded:
-            for bucket in (p.params.services.s3.bucket, p.params.services.s3.dvc_bucket):
-                p.object_store(bucket).ensure_bucket()
-            if (p.root / ".dvc").is_dir():
-                from components.dvc_remote import configure_remote
-
-                configure_remote(p)
-        if "label_studio" in names:
+    def _post_start(self, console) -> None:
+        """Make the running services usable: buckets exist, the API token works, DVC knows the remote."""
+        p, svc = self.project, self.project.params.services
+        for bucket in (svc.s3.bucket, svc.s3.dvc_bucket):
+            p.object_store(bucket).ensure_bucket()
+        if svc.label_studio.embedded:
             check_label_studio_token(p)
+        if (p.root / ".dvc").is_dir():
+            from components.dvc_remote import configure_remote
+
+            configure_remote(p)
 
     def _stop(self, name: str, grace_s: float = 20.0) -> bool:
         record = self._read_record(name)

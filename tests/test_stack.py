@@ -111,25 +111,6 @@ def test_lifecycle_up_status_down_leaves_no_process(tmp_path, stack_project):
     assert (Project.load(root).state_dir / "s3" / "aligndiff").is_dir()
 
 
-def test_up_only_starts_the_named_services_and_a_later_up_adds_the_rest(tmp_path, stack_project):
-    """`make demo` starts S3 and Prefect first and Label Studio beside pre-training."""
-    root = write_project(tmp_path / "p", **{"label_studio.embedded": False,
-                                            "label_studio.url": stack_project.label_studio_url})
-    project = Project.load(root)
-    stack = Stack(project)
-    try:
-        first = stack.up(only={"s3"})
-        assert set(first) == {"s3"} and first["s3"]["started"]
-        assert stack.running_pid("prefect") is None
-        project.object_store().put_named("probe", b"ok")  # its bucket was made
-        assert project.object_store().get_bytes("probe") == b"ok"
-        rest = stack.up()
-        assert rest["s3"]["started"] is False and rest["prefect"]["started"] is True
-    finally:
-        stack.down()
-    assert stack.running_pid("s3") is None and stack.running_pid("prefect") is None
-
-
 def test_service_that_dies_during_startup_is_reported_with_its_log(tmp_path, monkeypatch):
     root = write_project(tmp_path / "p", **{"prefect.embedded": False, "prefect.api_url": "http://127.0.0.1:9/api",
                                             "label_studio.embedded": False, "label_studio.url": "http://127.0.0.1:9"})
