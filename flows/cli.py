@@ -284,9 +284,9 @@ def cmd_demo(args) -> int:
     project = _project(args)
     first_run = not (project.path("models/base") / "model_index.json").exists()
     # measured on 2 cores (docs/performance.md)
-    print("demo: about " + ("30 min: this first run pre-trains the world's VAE, CLIP and base model (≈ 17 min)"
+    print("demo: about " + ("24 min: this first run pre-trains the world's VAE, CLIP and base model (16–18 min)"
                             if first_run
-                            else "10 min: the base model is built; a round of labels and a retrain"), flush=True)
+                            else "8 min: the base model is built; a round of labels and a retrain"), flush=True)
     phases: dict[str, float] = {}
 
     def timed(name: str, step, *args, **kwargs):
