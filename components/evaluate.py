@@ -4,7 +4,11 @@ For every eval-split prompt, ``evaluate.images_per_prompt`` images from each mod
 identical seeds (x_T and step noise), the sampler of ``sample:``. Metrics:
 
 - learned reward: mean for each model, and the candidate's win rate over production,
-  paired by prompt and seed (a tie counts half);
+  paired by prompt and seed (a tie counts half), with a 95% interval from resampling
+  whole prompts (a prompt's images are not independent draws); in the world profile
+  also the win rate split by how the judge's verdict changed between the pair's images
+  (improved / unchanged / worsened), which says whether the reward agrees with the judge
+  where the judge sees a difference, and how it ranks where it sees none;
 - judge alignment (world profile): overall and per attribute, on all eval prompts and
   on the compositions held out of pre-training;
 - diversity: mean pairwise distance between a prompt's images (per model), and its drop;
@@ -77,11 +81,31 @@ def nearest_distance(images: np.ndarray, reference: np.ndarray, chunk: int = 256
     return np.concatenate(out)
 
 
-def judge_rates(images: np.ndarray, prompts: list[str]) -> dict:
-    from components.world.grammar import ATTRIBUTES
+def win_rate_interval(wins: np.ndarray, per_prompt: int, seed: int, draws: int = 2000) -> list[float]:
+    """95% bootstrap interval of the mean of ``wins`` (prompt-major), resampling whole prompts."""
+    by_prompt = wins.reshape(-1, per_prompt).mean(axis=1)
+    rng = np.random.default_rng(seed)
+    means = by_prompt[rng.integers(0, len(by_prompt), (draws, len(by_prompt)))].mean(axis=1)
+    return [round(float(q), 4) for q in np.percentile(means, [2.5, 97.5])]
+
+
+def win_rate_by_judge(wins: np.ndarray, production_aligned: np.ndarray, candidate_aligned: np.ndarray) -> dict:
+    """The win rate on the pairs whose judge verdict improved, stayed or worsened."""
+    change = candidate_aligned.astype(int) - production_aligned.astype(int)
+    return {name: {"pairs": int((change == d).sum()),
+                   "win_rate": round(float(wins[change == d].mean()), 4) if (change == d).any() else None}
+            for name, d in (("improved", 1), ("unchanged", 0), ("worsened", -1))}
+
+
+def judge_verdicts(images: np.ndarray, prompts: list[str]) -> list:
     from components.world.judge import judge
 
-    verdicts = [judge(image, prompt) for image, prompt in zip(images, prompts)]
+    return [judge(image, prompt) for image, prompt in zip(images, prompts)]
+
+
+def judge_rates(verdicts: list) -> dict:
+    from components.world.grammar import ATTRIBUTES
+
     rates = {"aligned": float(np.mean([v.aligned for v in verdicts]))}
     rates.update({a: float(np.mean([getattr(v, a) for v in verdicts])) for a in ATTRIBUTES})
     return {k: round(v, 4) for k, v in rates.items()}
@@ -148,18 +172,24 @@ def evaluate(project: Project) -> dict:
         metrics["reward"] = {"production_mean": round(float(r["production"].mean()), 4),
                              "candidate_mean": round(float(r["candidate"].mean()), 4),
                              "gain": round(float(r["candidate"].mean() - r["production"].mean()), 4),
-                             "win_rate": round(float(wins.mean()), 4)}
+                             "win_rate": round(float(wins.mean()), 4),
+                             "win_rate_interval": win_rate_interval(wins, per, params.seed)}
         per_prompt["reward_production"] = r["production"].reshape(-1, per).mean(axis=1).round(4)
         per_prompt["reward_candidate"] = r["candidate"].reshape(-1, per).mean(axis=1).round(4)
     if params.profile == "world":
         unseen = np.array([c == "world/unseen" for c in prompts["category"] for _ in range(per)])
-        judge = {}
+        judge, aligned = {}, {}
         for name, imgs in images.items():
-            judge[name] = {"all": judge_rates(imgs, expanded)}
+            verdicts = judge_verdicts(imgs, expanded)
+            aligned[name] = np.array([v.aligned for v in verdicts])
+            judge[name] = {"all": judge_rates(verdicts)}
             if unseen.any():
-                judge[name]["held_out"] = judge_rates(imgs[unseen], [p for p, u in zip(expanded, unseen) if u])
+                judge[name]["held_out"] = judge_rates([v for v, u in zip(verdicts, unseen) if u])
         judge["gain"] = round(judge["candidate"]["all"]["aligned"] - judge["production"]["all"]["aligned"], 4)
         metrics["judge"] = judge
+        if "reward" in metrics:
+            metrics["reward"]["win_rate_by_judge"] = win_rate_by_judge(wins, aligned["production"],
+                                                                       aligned["candidate"])
     div = {name: diversity(imgs, per) for name, imgs in images.items()}
     metrics["diversity"] = {"production": round(float(div["production"].mean()), 4),
                             "candidate": round(float(div["candidate"].mean()), 4)}
@@ -190,7 +220,8 @@ def markdown_report(metrics: dict, grid_prompts: list[str]) -> str:
     if "reward" in metrics:
         r = metrics["reward"]
         lines.append(f"| learned reward (mean) | {r['production_mean']} | {r['candidate_mean']} |")
-        lines.append(f"| win rate over production | | {r['win_rate']} |")
+        lo, hi = r["win_rate_interval"]
+        lines.append(f"| win rate over production (95% interval over prompts) | | {r['win_rate']} ({lo}–{hi}) |")
     if "judge" in metrics:
         j = metrics["judge"]
         for key in j["production"]["all"]:
@@ -204,6 +235,13 @@ def markdown_report(metrics: dict, grid_prompts: list[str]) -> str:
               f"| near-copies of training images | | {metrics['memorization']['near_copy_rate']} |", "",
               f"![production (left) vs candidate (right)]({GRID_OUT.name})", "",
               "Rows of the grid, top to bottom: " + "; ".join(grid_prompts), ""]
+    split = metrics.get("reward", {}).get("win_rate_by_judge")
+    if split:
+        lines += ["Win rate by how the judge's verdict changed between a pair's images (same prompt and seed):", "",
+                  "| judge verdict | pairs | candidate's win rate |", "|---|---|---|"]
+        lines += [f"| {name} | {row['pairs']} | {row['win_rate'] if row['win_rate'] is not None else '–'} |"
+                  for name, row in split.items()]
+        lines.append("")
     return "\n".join(lines)
 
 

@@ -37,7 +37,13 @@ def test_evaluate_compares_candidate_and_production_with_the_same_seeds(tuned):
     metrics = evaluate.evaluate(tuned)
     assert metrics["prompts"] == 4 and metrics["images_per_model"] == 8
     assert metrics["production"] == models.model_version(tuned.path("models/base"))
-    assert 0 <= metrics["reward"]["win_rate"] <= 1
+    reward = metrics["reward"]
+    lo, hi = reward["win_rate_interval"]
+    assert 0 <= lo <= reward["win_rate"] <= hi <= 1
+    split = reward["win_rate_by_judge"]
+    assert sum(row["pairs"] for row in split.values()) == 8
+    production_aligned, candidate_aligned = (metrics["judge"][m]["all"]["aligned"] for m in ("production", "candidate"))
+    assert split["improved"]["pairs"] - split["worsened"]["pairs"] == round(8 * (candidate_aligned - production_aligned))
     assert set(metrics["judge"]["candidate"]["all"]) == {"aligned", "count", "colour", "shape", "background"}
     assert metrics["drift"] > 0  # the fine-tune changed the images
     assert metrics["memorization"]["near_copy_rate"] == 0
@@ -45,7 +51,30 @@ def test_evaluate_compares_candidate_and_production_with_the_same_seeds(tuned):
     grid = Image.open(tuned.path(evaluate.GRID_OUT))
     assert grid.size == (3 * (32 + 4) * 5, 3 * (32 + 4) * 3)  # 2+gap+2 columns, 3 prompt rows, ×3
     report = tuned.path(evaluate.REPORT_OUT).read_text()
-    assert "win rate over production" in report and "evaluation_grid.png" in report
+    assert f"| {reward['win_rate']} ({lo}–{hi}) |" in report and "evaluation_grid.png" in report
+    assert f"| unchanged | {split['unchanged']['pairs']} |" in report
+
+
+def test_win_rate_interval_resamples_whole_prompts():
+    every_pair = np.array([1.0] * 8 + [0.0] * 8)  # two prompts of 8 pairs: one all wins, one all losses
+    lo, hi = evaluate.win_rate_interval(every_pair, per_prompt=8, seed=0)
+    assert lo == 0.0 and hi == 1.0  # two prompts cannot tell 0.5 from either extreme
+    mixed = np.tile([1.0, 0.0], 8)  # the same pairs spread evenly over the two prompts
+    assert evaluate.win_rate_interval(mixed, per_prompt=8, seed=0) == [0.5, 0.5]
+    many = np.tile(np.array([1.0] * 8 + [0.0] * 8), 24)  # 48 such prompts: a narrower interval around 0.5
+    lo, hi = evaluate.win_rate_interval(many, per_prompt=8, seed=0)
+    assert 0.3 < lo < 0.5 < hi < 0.7
+
+
+def test_win_rate_by_judge_splits_pairs_by_the_change_in_verdict():
+    wins = np.array([1.0, 0.0, 1.0, 0.5, 0.0])
+    production = np.array([False, True, True, False, True])
+    candidate = np.array([True, False, True, False, True])
+    assert evaluate.win_rate_by_judge(wins, production, candidate) == {
+        "improved": {"pairs": 1, "win_rate": 1.0}, "unchanged": {"pairs": 3, "win_rate": 0.5},
+        "worsened": {"pairs": 1, "win_rate": 0.0}}
+    assert evaluate.win_rate_by_judge(wins[2:], production[2:], candidate[2:])["improved"] == {
+        "pairs": 0, "win_rate": None}
 
 
 def test_same_seeds_make_production_against_itself_a_draw(tuned):
@@ -70,6 +99,8 @@ def _metrics(**changes) -> dict:
 
 @pytest.mark.parametrize("changes, line", [
     ({"reward.win_rate": 0.41}, "win rate 0.410 < 0.5 (gate.min_win_rate)"),
+    ({"reward.win_rate": 0.458, "reward.win_rate_interval": [0.354, 0.563]},
+     "win rate 0.458 < 0.5 (gate.min_win_rate); 95% interval over prompts 0.35–0.56"),
     ({"reward.gain": -0.02}, "reward gain -0.0200 < 0 (gate.min_reward_gain)"),
     ({"diversity.drop": 0.5}, "diversity drop 0.500 > 0.25 (gate.max_diversity_drop)"),
     ({"memorization.near_copy_rate": 0.2}, "near-copy rate 0.200 > 0.05 (gate.max_memorization_rate)"),
