@@ -3,6 +3,7 @@ standard pairs against step-level (branch) pairs, on the same labelling budget.
 
     .venv/bin/python bench/gradient_signal.py [--pairs 1000] [--branch-steps 0,1,2,4,7,11]
         [--standard-steps 0,1,2,4,7,11,19] [--splits 40] [--seed 0] [--model models/base]
+        [--min-distance 0.05]
 
 Self-contained: samples the world base (no services), labels with the simulated
 annotators' policy (3 votes, 10% flips, majority; ties carry no preference but use the
@@ -14,6 +15,10 @@ budget), and measures at the initial policy (θ = reference: a fresh LoRA).
 - branch at k: both images share x_T and every step's noise but step k's, so they differ
   only by what step k drew and their label speaks to step k alone (SPO's credit
   assignment); the gradient is that of step k.
+- ``--min-distance D``: a pair whose two images are closer than D (RMS over pixels in
+  [0, 1]) is not sent to annotators, and pairs are sampled until the budget's n pass:
+  a label on two near-identical images is mostly a tie. Each variant reports the
+  deciles of that distance for its decided pairs and its ties, which is what picks D.
 - reward-weighted (for scale): the label-dependent part of its gradient, the denoising
   loss of the standard pairs' images labelled good minus that of those labelled bad.
 
@@ -50,6 +55,7 @@ sys.path.insert(0, str(REPO))
 from components import models  # noqa: E402
 from components.annotation import oracle  # noqa: E402
 from components.annotation.simulate import AnnotatorConfig  # noqa: E402
+from components.evaluate import distance  # noqa: E402
 from components.finetune.core import attach_policy, denoising_mse  # noqa: E402
 from components.project import Project  # noqa: E402
 from components.sampling import (Conditioning, SamplerConfig, derive_seed, sample, step_log_prob,  # noqa: E402
@@ -60,11 +66,19 @@ RESULTS = REPO / "bench" / "results" / "gradient_signal.jsonl"
 
 
 def make_pairs(pipe, prompts: list[str], n: int, seed: int, sampler: SamplerConfig, branch_step: int | None,
-               batch: int = 64) -> dict:
-    """n pairs (2n samples, a pair's two adjacent) with their trajectories and images."""
-    latents, conds, unconds, images, texts = [], [], [], [], []
-    for start in range(0, n, batch // 2):
-        pairs = range(start, min(n, start + batch // 2))
+               min_distance: float = 0.0, batch: int = 64) -> dict:
+    """n pairs (2n samples, a pair's two adjacent) with their trajectories and images.
+
+    With ``min_distance``, a pair whose two images are closer than that (RMS over pixels in
+    [0, 1]) is never shown to annotators: more are sampled until n pass, and ``sampled``
+    says how many it took. The screen costs sampling, not labels.
+    """
+    latents, conds, unconds, images, texts, kept, sampled = [], [], [], [], [], 0, 0
+    while kept < n:
+        if sampled >= 20 * n:
+            raise SystemExit(f"--min-distance {min_distance}: only {kept} of {sampled} pairs pass; lower it")
+        pairs = range(sampled, sampled + batch // 2)
+        sampled = pairs.stop
         texts_b = [prompts[i % len(prompts)] for i in pairs for _ in range(2)]
         x_t = [derive_seed(seed, f"pair{i}:x_T") for i in pairs for _ in range(2)]
         own = [derive_seed(seed, f"pair{i}:{side}") for i in pairs for side in "ab"]
@@ -73,14 +87,17 @@ def make_pairs(pipe, prompts: list[str], n: int, seed: int, sampler: SamplerConf
         else:
             shared = [derive_seed(seed, f"pair{i}:steps") for i in pairs for _ in range(2)]
             traj = sample(pipe, texts_b, shared, sampler, init_seeds=x_t, branch_step=branch_step, branch_seeds=own)
-        latents.append(traj.latents)
-        conds.append(traj.cond)
-        unconds.append(traj.uncond)
-        images.append(traj.images)
-        texts += texts_b
-        print(f"  sampled {2 * pairs.stop}/{2 * n}", end="\r", flush=True)
+        apart = np.flatnonzero(distance(traj.images[0::2], traj.images[1::2]) >= min_distance)[:n - kept]
+        rows = torch.from_numpy(np.stack([2 * apart, 2 * apart + 1], axis=1).reshape(-1))
+        latents.append(traj.latents[rows])
+        conds.append(traj.cond[rows])
+        unconds.append(traj.uncond[rows])
+        images.append(traj.images[rows.numpy()])
+        texts += [texts_b[i] for i in rows.tolist()]
+        kept += len(apart)
+        print(f"  {kept}/{n} pairs ({sampled} sampled)", end="\r", flush=True)
     return {"latents": torch.cat(latents), "cond": Conditioning.cat(conds), "uncond": Conditioning.cat(unconds),
-            "images": np.concatenate(images), "prompts": texts, "timesteps": traj.timesteps}
+            "images": np.concatenate(images), "prompts": texts, "timesteps": traj.timesteps, "sampled": sampled}
 
 
 def label_pairs(data: dict, n: int, annotators: AnnotatorConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -212,6 +229,8 @@ def main() -> None:
     ap.add_argument("--splits", type=int, default=40)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-reward-weighted", action="store_true")
+    ap.add_argument("--min-distance", type=float, default=0.0,
+                    help="pairs whose images are closer (RMS, [0, 1]) are not labelled; more are sampled instead")
     args = ap.parse_args()
     project = Project.load(REPO)
     params = project.params
@@ -224,15 +243,20 @@ def main() -> None:
     annotators = AnnotatorConfig(seed=args.seed)
     result = {"model_version": models.model_version(Path(args.model)), "seed": args.seed, "pairs": args.pairs,
               "splits": args.splits, "sampler": sampler.as_dict(), "lora_rank": params.finetune.lora.rank,
-              "variants": {}}
+              "min_distance": args.min_distance, "variants": {}}
     start = time.monotonic()
     variants = [("standard", None)] + [(f"branch@{k}", int(k)) for k in args.branch_steps.split(",") if k]
     for name, k in variants:
         t0 = time.monotonic()
-        data = make_pairs(pipe, prompts, args.pairs, derive_seed(args.seed, name), sampler, k)
+        data = make_pairs(pipe, prompts, args.pairs, derive_seed(args.seed, name), sampler, k, args.min_distance)
         prefer, good = label_pairs(data, args.pairs, annotators)
         steps = [int(s) for s in args.standard_steps.split(",")] if k is None else [k]
-        row = {"decided_share": round(float((prefer != 0).mean()), 3), "steps": {}}
+        apart = distance(data["images"][0::2], data["images"][1::2])
+        row = {"decided_share": round(float((prefer != 0).mean()), 3), "sampled_pairs": data["sampled"],
+               # the pair's RMS image distance: deciles, of decided pairs and of ties (what --min-distance screens on)
+               "distance_deciles": {name: [round(float(q), 4) for q in np.percentile(apart[mask], np.arange(10, 100, 10))]
+                                    for name, mask in (("decided", prefer != 0), ("tie", prefer == 0)) if mask.any()},
+               "steps": {}}
         for step in steps:
             decided, gram = d3po_gram(pipe, data, prefer, step, sampler)
             row["steps"][str(step)] = signal(decided, gram, args.pairs, args.splits, args.seed)
@@ -243,7 +267,8 @@ def main() -> None:
                                       "good_share": round(float((good > 0).mean()), 3)}
             print(f"reward_weighted (good − bad) on the standard pairs' images: {row['reward_weighted']}", flush=True)
         row["minutes"] = round((time.monotonic() - t0) / 60, 2)
-        print(f"{name}: {row['decided_share']:.0%} of pairs decided, {row['minutes']} min", flush=True)
+        print(f"{name}: {row['decided_share']:.0%} of pairs decided ({data['sampled']} sampled), {row['minutes']} min",
+              flush=True)
         result["variants"][name] = row
     result["minutes"] = round((time.monotonic() - start) / 60, 2)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
