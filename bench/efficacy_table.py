@@ -37,6 +37,8 @@ def row(run: dict, with_base: bool) -> str:
     labels = run.get("labels") or {}
     if "fraction" in labels:  # --label-fraction: how the labelled share was chosen
         changed.append(f"{labels['fraction']:.0%} of the tasks labelled, the second half by {labels['select']}")
+    if run.get("note"):
+        changed.append(run["note"])
     name = run["method"] + (f" ({', '.join(changed)})" if changed else "")
     votes, rounds = votes_and_rounds(run)
     gain, attrs = run["gain_points"], run["attribute_gain_points"]

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/learning_efficacy.py --method d3po [--images-per-prompt 8]
         [--set finetune.d3po.lr=1e-4 ...] [--control MINUTES] [--rounds N]
-        [--label-fraction 0.5 --select disagreement|random]
+        [--label-fraction 0.5 --select disagreement|random] [--note TEXT]
 
 Needs the embedded services (`aligndiff up`) and the pre-trained base, VAE and CLIP (`dvc repro pretrain`).
 One feedback round in a scratch project next to the repo (the repo's data is untouched):
@@ -282,6 +282,7 @@ def main() -> None:
                     help="label this share of the round's tasks: a random half, then --select picks the rest")
     ap.add_argument("--select", choices=["random", "disagreement"], default="random",
                     help="with --label-fraction: how the second half is chosen (disagreement: active selection)")
+    ap.add_argument("--note", default=None, help="what this run's code does differently, shown in the efficacy table")
     ap.add_argument("--scratch", default=str(REPO / ".aligndiff" / "bench" / "efficacy"))
     args = ap.parse_args()
     if args.pretraining_term_only is not None and args.method != "reward_weighted":
@@ -312,6 +313,8 @@ def main() -> None:
         pipe = models.load_pipeline(project.path("models/candidate"))
     result["wall_minutes"] = round((time.monotonic() - start) / 60, 2)
     result["overrides"] = overrides
+    if args.note:
+        result["note"] = args.note
     result["base_version"] = base_version
     result["base"] = base_alignment
     result["tuned"] = alignment(pipe, params, seed=12345)
