@@ -81,12 +81,13 @@ def nearest_distance(images: np.ndarray, reference: np.ndarray, chunk: int = 256
     return np.concatenate(out)
 
 
-def win_rate_interval(wins: np.ndarray, per_prompt: int, seed: int, draws: int = 2000) -> list[float]:
+def win_rate_interval(wins: np.ndarray, per_prompt: int, seed: int, draws: int = 2000) -> dict:
     """95% bootstrap interval of the mean of ``wins`` (prompt-major), resampling whole prompts."""
     by_prompt = wins.reshape(-1, per_prompt).mean(axis=1)
     rng = np.random.default_rng(seed)
     means = by_prompt[rng.integers(0, len(by_prompt), (draws, len(by_prompt)))].mean(axis=1)
-    return [round(float(q), 4) for q in np.percentile(means, [2.5, 97.5])]
+    low, high = np.percentile(means, [2.5, 97.5])
+    return {"low": round(float(low), 4), "high": round(float(high), 4)}  # a dict: `dvc metrics` shows no lists
 
 
 def win_rate_by_judge(wins: np.ndarray, production_aligned: np.ndarray, candidate_aligned: np.ndarray) -> dict:
@@ -160,7 +161,8 @@ def evaluate(project: Project) -> dict:
     expanded = [t for t in texts for _ in range(per)]
 
     metrics: dict = {"prompts": len(texts), "images_per_model": len(expanded),
-                     "production": models.model_version(production_where), "candidate": models.model_version(candidate_dir)}
+                     "production": models.model_version(production_where),
+                     "candidate": models.model_version(candidate_dir)}
     reward_path = project.path("models/reward")
     per_prompt = pd.DataFrame({"prompt_id": ids, "prompt": texts})
     if (reward_path / "config.json").exists():
@@ -220,7 +222,7 @@ def markdown_report(metrics: dict, grid_prompts: list[str]) -> str:
     if "reward" in metrics:
         r = metrics["reward"]
         lines.append(f"| learned reward (mean) | {r['production_mean']} | {r['candidate_mean']} |")
-        lo, hi = r["win_rate_interval"]
+        lo, hi = r["win_rate_interval"]["low"], r["win_rate_interval"]["high"]
         lines.append(f"| win rate over production (95% interval over prompts) | | {r['win_rate']} ({lo}–{hi}) |")
     if "judge" in metrics:
         j = metrics["judge"]

@@ -31,7 +31,7 @@ def decide(metrics: dict, gate, profile: str) -> dict:
         failures.append("no learned-reward metrics (models/reward missing): win rate and reward gain unknown")
     else:
         interval = reward.get("win_rate_interval")
-        spread = f"; 95% interval over prompts {interval[0]:.2f}–{interval[1]:.2f}" if interval else ""
+        spread = f"; 95% interval over prompts {interval['low']:.2f}–{interval['high']:.2f}" if interval else ""
         need(reward["win_rate"] >= gate.min_win_rate, "win_rate",
              f"win rate {reward['win_rate']:.3f} < {gate.min_win_rate:g} (gate.min_win_rate){spread}")
         need(reward["gain"] >= gate.min_reward_gain, "reward_gain",

@@ -38,12 +38,12 @@ def test_evaluate_compares_candidate_and_production_with_the_same_seeds(tuned):
     assert metrics["prompts"] == 4 and metrics["images_per_model"] == 8
     assert metrics["production"] == models.model_version(tuned.path("models/base"))
     reward = metrics["reward"]
-    lo, hi = reward["win_rate_interval"]
+    lo, hi = reward["win_rate_interval"]["low"], reward["win_rate_interval"]["high"]
     assert 0 <= lo <= reward["win_rate"] <= hi <= 1
     split = reward["win_rate_by_judge"]
     assert sum(row["pairs"] for row in split.values()) == 8
-    production_aligned, candidate_aligned = (metrics["judge"][m]["all"]["aligned"] for m in ("production", "candidate"))
-    assert split["improved"]["pairs"] - split["worsened"]["pairs"] == round(8 * (candidate_aligned - production_aligned))
+    before, after = (metrics["judge"][m]["all"]["aligned"] for m in ("production", "candidate"))
+    assert split["improved"]["pairs"] - split["worsened"]["pairs"] == round(8 * (after - before))
     assert set(metrics["judge"]["candidate"]["all"]) == {"aligned", "count", "colour", "shape", "background"}
     assert metrics["drift"] > 0  # the fine-tune changed the images
     assert metrics["memorization"]["near_copy_rate"] == 0
@@ -57,13 +57,13 @@ def test_evaluate_compares_candidate_and_production_with_the_same_seeds(tuned):
 
 def test_win_rate_interval_resamples_whole_prompts():
     every_pair = np.array([1.0] * 8 + [0.0] * 8)  # two prompts of 8 pairs: one all wins, one all losses
-    lo, hi = evaluate.win_rate_interval(every_pair, per_prompt=8, seed=0)
-    assert lo == 0.0 and hi == 1.0  # two prompts cannot tell 0.5 from either extreme
+    # two prompts cannot tell 0.5 from either extreme
+    assert evaluate.win_rate_interval(every_pair, per_prompt=8, seed=0) == {"low": 0.0, "high": 1.0}
     mixed = np.tile([1.0, 0.0], 8)  # the same pairs spread evenly over the two prompts
-    assert evaluate.win_rate_interval(mixed, per_prompt=8, seed=0) == [0.5, 0.5]
+    assert evaluate.win_rate_interval(mixed, per_prompt=8, seed=0) == {"low": 0.5, "high": 0.5}
     many = np.tile(np.array([1.0] * 8 + [0.0] * 8), 24)  # 48 such prompts: a narrower interval around 0.5
-    lo, hi = evaluate.win_rate_interval(many, per_prompt=8, seed=0)
-    assert 0.3 < lo < 0.5 < hi < 0.7
+    interval = evaluate.win_rate_interval(many, per_prompt=8, seed=0)
+    assert 0.3 < interval["low"] < 0.5 < interval["high"] < 0.7
 
 
 def test_win_rate_by_judge_splits_pairs_by_the_change_in_verdict():
@@ -99,7 +99,7 @@ def _metrics(**changes) -> dict:
 
 @pytest.mark.parametrize("changes, line", [
     ({"reward.win_rate": 0.41}, "win rate 0.410 < 0.5 (gate.min_win_rate)"),
-    ({"reward.win_rate": 0.458, "reward.win_rate_interval": [0.354, 0.563]},
+    ({"reward.win_rate": 0.458, "reward.win_rate_interval": {"low": 0.354, "high": 0.563}},
      "win rate 0.458 < 0.5 (gate.min_win_rate); 95% interval over prompts 0.35–0.56"),
     ({"reward.gain": -0.02}, "reward gain -0.0200 < 0 (gate.min_reward_gain)"),
     ({"diversity.drop": 0.5}, "diversity drop 0.500 > 0.25 (gate.max_diversity_drop)"),
