@@ -142,7 +142,25 @@ def test_bradley_terry_reward_learns_from_pairs(labelled):
         update={"kind": "bradley_terry"})})
     metrics = reward_train.train_reward(params, labelled.root, labelled.object_store())
     assert metrics["kind"] == "bradley_terry" and metrics["validation"]["n"] > 0
-    assert 0 <= metrics["validation"]["pair_accuracy"] <= 1
+    assert 0 <= metrics["validation"]["pair_accuracy"] <= 1 and 0 <= metrics["validation"]["tied"] <= 1
+
+
+def test_bradley_terry_rewards_stay_centred_and_unsaturated(labelled, tmp_path):
+    """Pairs fix only logit differences; trained long, uncentred logits drift until the
+    sigmoid rounds most rewards to exactly 0 or 1 and every comparison ties."""
+    root = shutil.copytree(labelled.root, tmp_path / "project", ignore=shutil.ignore_patterns("models"))
+    shutil.copytree(labelled.path("models/clip"), root / "models" / "clip")
+    params = labelled.params.model_copy(update={"reward": labelled.params.reward.model_copy(
+        update={"kind": "bradley_terry", "steps": 400, "lr": 3e-2, "ensemble": 1})})
+    reward_train.train_reward(params, root, labelled.object_store())
+    import dataclasses
+
+    scorer = load_scorer(dataclasses.replace(labelled, root=root, params=params), root / reward_train.MODEL_OUT)
+    gens = feedback.generations(labelled.root)
+    images = feedback.Fetcher(labelled.object_store()).images(list(gens["image_key"]))
+    rewards, _ = scorer.score(images, list(gens["prompt"]))
+    assert ((rewards == 0) | (rewards == 1)).mean() < 0.02  # 6% here without the centring
+    assert abs(np.log(rewards / (1 - rewards)).mean()) < 2.0  # 0.05 here; infinite without
 
 
 def test_gpu_profiles_train_reward_heads_on_a_frozen_clip(labelled, tmp_path):

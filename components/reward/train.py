@@ -6,7 +6,9 @@
   background changed by the world grammar): ``softmax_j r(x, c_j) / T``. The original
   prompt is scored by the same network as the perturbations (an unofficial
   reimplementation feeds a constant there, so only the perturbations learn).
-- ``reward.kind: bradley_terry``: ``−log σ(logit(x_w, c) − logit(x_l, c))`` on preference pairs.
+- ``reward.kind: bradley_terry``: ``−log σ(logit(x_w, c) − logit(x_l, c))`` on preference pairs,
+  plus 0.01 · (logit_w + logit_l)², which centres the logits (pairs fix only their
+  differences; left free they drift until the sigmoid saturates).
 
 The heads sit on a frozen CLIP (``model.py``): the world's own (``models/clip``) or, for
 sd15/sdxl, the one of ``models.clip``. The prompt-classification term needs the world
@@ -53,6 +55,9 @@ def perturbed_prompts(prompt: str, n: int, rng: np.random.Generator) -> list[str
     return [options[i].prompt for i in rng.choice(len(options), size=min(n, len(options)), replace=False)]
 
 
+BT_CENTRING = 0.01  # weight of the squared pair-mean logit in the Bradley-Terry loss
+
+
 class RewardModule(L.LightningModule):
     """The losses; the data lives in memory (a few thousand 32×32 images)."""
 
@@ -74,8 +79,12 @@ class RewardModule(L.LightningModule):
         if self.cfg.kind == "bradley_terry":
             w, l = self.pairs[index, 0].tolist(), self.pairs[index, 1].tolist()
             prompts = [self.prompts[i] for i in w]
-            margin = self.scorer.logits(self.images[w], prompts) - self.scorer.logits(self.images[l], prompts)
-            loss = -(weights * F.logsigmoid(margin)).sum() / weights.sum()
+            winner, loser = self.scorer.logits(self.images[w], prompts), self.scorer.logits(self.images[l], prompts)
+            margin = winner - loser
+            # Pairs fix only differences: without centring the logits drift until the
+            # sigmoid saturates (74% of a first round's images scored exactly 1.0).
+            centring = BT_CENTRING * (winner + loser) ** 2
+            loss = (weights * (centring - F.logsigmoid(margin))).sum() / weights.sum()
             self.log("accuracy", (margin.mean(dim=1) > 0).float().mean())
             self.log("loss", loss, prog_bar=True)
             return loss
@@ -221,8 +230,10 @@ def evaluate_reward(scorer: ClipRewardScorer, kind: str, train_rows: pd.DataFram
     else:
         w = scores[[position[g] for g in val_rows["winner"]]]
         lo = scores[[position[g] for g in val_rows["loser"]]]
+        right = np.where(w > lo, 1.0, np.where(w == lo, 0.5, 0.0))  # a tie counts half, as in the win rate
         metrics["validation"] = {"n": int(len(val_rows)),
-                                 "pair_accuracy": round(float((w > lo).mean()), 4) if len(val_rows) else None}
+                                 "pair_accuracy": round(float(right.mean()), 4) if len(val_rows) else None,
+                                 "tied": round(float((w == lo).mean()), 4) if len(val_rows) else None}
     if params.profile == "world":
         from components.world.judge import judge
 
